@@ -1,0 +1,56 @@
+"""Copy management: move COPY data from one producer to many receivers, on psycopg 3.
+
+Follows the design of py-postgresql's ``postgresql.copyman`` (Producer, Receivers, faults,
+reconcile, CopyFail), fixing its known defects: counts mean records and payload bytes for
+every producer, receivers are fed concurrently behind bounded queues, every receiver's end
+is verified against the source's row count, and a failed copy aborts every COPY cleanly.
+
+This package imports no Airflow module.
+"""
+
+from ._errors import (
+    Cancelled,
+    CopyFail,
+    CopyUsageError,
+    Fault,
+    ProducerFault,
+    ReceiverFault,
+    ReceiverTimeout,
+    RowCountMismatch,
+)
+from ._fittings import (
+    CallReceiver,
+    IteratorProducer,
+    NullProducer,
+    NullReceiver,
+    Producer,
+    Receiver,
+    Wait,
+)
+from ._manager import BATCH_BYTES, QUEUE_BYTES, RECEIVER_TIMEOUT, CopyManager, transfer
+from ._statement import StatementProducer, StatementReceiver
+
+__all__ = [
+    "BATCH_BYTES",
+    "QUEUE_BYTES",
+    "RECEIVER_TIMEOUT",
+    "CallReceiver",
+    "Cancelled",
+    "CopyFail",
+    "CopyManager",
+    "CopyUsageError",
+    "Fault",
+    "IteratorProducer",
+    "NullProducer",
+    "NullReceiver",
+    "Producer",
+    "ProducerFault",
+    "Receiver",
+    "ReceiverFault",
+    "ReceiverTimeout",
+    "RowCountMismatch",
+    "StatementProducer",
+    "StatementReceiver",
+    "Wait",
+    "transfer",
+]
