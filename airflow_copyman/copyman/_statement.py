@@ -21,7 +21,7 @@ from psycopg import pq, sql
 from psycopg.abc import Buffer, Params, Query
 from psycopg.copy import Copy, Writer
 
-from ._errors import CopyUsageError, RowCountMismatch
+from ._errors import CopyUsageError, ReceiverTimeout, RowCountMismatch
 from ._fittings import Producer, Receiver, Wait
 from ._sql import check_copy_statement
 
@@ -383,7 +383,9 @@ class StatementReceiver(_StatementFitting, Receiver):
         if self._state == self._DONE or self._copy_cm is None:
             return
         self._state = self._DONE
-        if self._connection_lost():
+        if self._connection_lost() or isinstance(reason, ReceiverTimeout):
+            # A server that stopped answering would only make us wait again: closing the
+            # connection is the clean end (the server rolls back when it notices).
             self._close_connection()
             return
         pg = self._pgconn

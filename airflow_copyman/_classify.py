@@ -1,0 +1,95 @@
+"""Which failures a retry can fix, and how to describe a failure without leaking secrets.
+
+A task should spend its retries only on failures that may go away by themselves: a lost
+connection, a server restarting or short of resources, a time-out, a serialization
+failure or deadlock. An undefined table or column, a type mismatch, bad data, a violated
+constraint, a permission denied or bad SQL fails the same way on every try. The
+classification goes by SQLSTATE class (PostgreSQL Appendix A), which psycopg exposes on
+every server error; errors without one are client-side (connection lost: transient).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import quote
+
+import psycopg
+
+from airflow_copyman import copyman
+
+#: SQLSTATE classes (first two characters) that no retry can fix.
+PERMANENT_CLASSES = frozenset(
+    {
+        "0A",  # feature not supported
+        "22",  # data exception (bad value, type mismatch in the data)
+        "23",  # integrity constraint violation
+        "26",  # invalid SQL statement name
+        "28",  # invalid authorization specification
+        "2B",  # dependent privilege descriptors still exist
+        "34",  # invalid cursor name
+        "38",  # external routine exception
+        "39",  # external routine invocation exception
+        "3D",  # invalid catalog (database) name
+        "3F",  # invalid schema name
+        "42",  # syntax error or access rule violation (undefined table/column, permission)
+        "44",  # WITH CHECK OPTION violation
+        "P0",  # PL/pgSQL error (RAISE EXCEPTION in a preoperator, say)
+    }
+)
+
+
+_REFUSED_FOR_GOOD = re.compile(
+    r"password authentication failed|authentication failed for user|"
+    r"(?:database|role) \"[^\"]*\" does not exist|no pg_hba\.conf entry|"
+    r"invalid (?:connection option|URI query parameter)|password is required",
+    re.IGNORECASE,
+)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether ``exc`` will happen again on a retry (True) or may go away (False)."""
+    state = sqlstate(exc)
+    if state is not None:
+        return state[:2] in PERMANENT_CLASSES
+    if isinstance(exc, copyman.RowCountMismatch):
+        # The destination kept a different number of rows than it was sent (a trigger or
+        # rule dropping rows): the next try would do the same.
+        return True
+    if isinstance(exc, psycopg.OperationalError) and _REFUSED_FOR_GOOD.search(str(exc)):
+        # Connection-time refusals come without SQLSTATE: a wrong password, an unknown
+        # role or database, no pg_hba.conf entry. Retrying with the same settings fails.
+        return True
+    # Client-side misuse (an invalid connection option in a connection's extra, say) is
+    # permanent; OperationalError without SQLSTATE (connection lost or refused),
+    # InterfaceError, time-outs, OS errors and cancellation may go away.
+    return isinstance(exc, psycopg.ProgrammingError | psycopg.NotSupportedError)
+
+
+def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """One line saying what failed: ``Class [SQLSTATE]: first line of the message``,
+    with every secret (and its URL-encoded form) replaced by ``***``."""
+    lines = str(exc).strip().splitlines()
+    message = lines[0].strip() if lines else ""
+    if isinstance(exc, copyman.CopyFail | copyman.ReceiverFault) and exc.__cause__ is not None:
+        return describe(exc.__cause__, secrets)
+    state = sqlstate(exc)
+    name = type(exc).__name__
+    head = f"{name} [{state}]" if state else name
+    return redact(f"{head}: {message}" if message else head, secrets)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        for form in {secret, quote(secret, safe=""), quote(secret)}:
+            text = text.replace(form, "***")
+    # A connection string the message might quote ("password=..." in a DSN).
+    return _PASSWORD_IN_DSN.sub(r"\1***", text)
+
+
+_PASSWORD_IN_DSN = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)

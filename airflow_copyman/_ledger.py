@@ -1,0 +1,159 @@
+"""The load ledger: a row in each destination database per destination a task loaded.
+
+Why a table in the destination, and not only Airflow's ``task_state_store``: the ledger
+row is written in the destination's own transaction, right before its commit, so the data
+and the record of having loaded it commit together or not at all. A try that dies between
+a destination's commit and any bookkeeping outside that database (the worker killed, the
+Airflow API unreachable) leaves a ledger row behind it, and the next try skips that
+destination instead of loading it twice. ``task_state_store`` mirrors the ledger for
+observability and is the only record when the ledger is turned off.
+
+A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table). Its
+``lineage`` says which series of tries wrote it: retries of a task share one lineage, a
+manual clear (or a re-created DAG run) starts a new one, and a new lineage loads every
+destination again, as Airflow users expect from a re-run. The insert checks the lineage
+in the same statement, so two tries of one lineage racing each other (a zombie and its
+retry) cannot both commit: the second one finds the first one's row and rolls back.
+
+This module imports no Airflow module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+TABLE = "copyman_ledger"
+
+_CREATE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    dag_id      text        NOT NULL,
+    task_id     text        NOT NULL,
+    run_id      text        NOT NULL,
+    map_index   integer     NOT NULL,
+    conn_id     text        NOT NULL,
+    destination text        NOT NULL,
+    lineage     text        NOT NULL,
+    try_number  integer     NOT NULL,
+    rows        bigint      NOT NULL,
+    bytes       bigint      NOT NULL,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
+)
+"""
+
+_KEY = "dag_id = %s AND task_id = %s AND run_id = %s AND map_index = %s AND conn_id = %s " \
+    "AND destination = %s"
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """The task instance and the lineage of tries it belongs to."""
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int
+    lineage: str
+    try_number: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    lineage: str
+    try_number: int
+    rows: int
+    bytes: int
+
+
+class Ledger:
+    """The ledger table in one schema of every destination database.
+
+    :param schema: the schema holding ``copyman_ledger``.
+    :param key: the task instance and lineage this try records under.
+    :param resume_on_clear: count rows of earlier lineages as loaded too (a cleared task
+        then loads only what was never loaded for this DAG run).
+    """
+
+    def __init__(self, schema: str, key: TaskKey, *, resume_on_clear: bool = False) -> None:
+        self.schema = schema
+        self.key = key
+        self.resume_on_clear = resume_on_clear
+        self.table = sql.Identifier(schema, TABLE)
+
+    @property
+    def name(self) -> str:
+        return f"{self.schema}.{TABLE}"
+
+    def _key_params(self, conn_id: str, destination: str) -> list[Any]:
+        k = self.key
+        return [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, destination]
+
+    def lookup(
+        self, conn: psycopg.Connection[Any], conn_id: str, destination: str
+    ) -> Entry | None:
+        """This destination's row if it counts as loaded for this lineage. Ends the
+        transaction it opens (the load gets a fresh one)."""
+        try:
+            exists = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{TABLE}"']
+            ).fetchone()
+            if not exists or not exists[0]:
+                return None
+            row = conn.execute(
+                sql.SQL("SELECT lineage, try_number, rows, bytes FROM {} WHERE " + _KEY).format(
+                    self.table
+                ),
+                self._key_params(conn_id, destination),
+            ).fetchone()
+        finally:
+            conn.rollback()
+        if row is None:
+            return None
+        entry = Entry(row[0], row[1], row[2], row[3])
+        if entry.lineage != self.key.lineage and not self.resume_on_clear:
+            return None
+        return entry
+
+    def ensure_table(self, conn: psycopg.Connection[Any]) -> None:
+        """Create the ledger table if needed, in a short transaction of its own."""
+        try:
+            exists = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{TABLE}"']
+            ).fetchone()
+            if not (exists and exists[0]):
+                conn.execute(sql.SQL(_CREATE).format(table=self.table))  # type: ignore[arg-type]
+            conn.commit()
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            # Another task created it at the same moment (CREATE TABLE IF NOT EXISTS races
+            # on the catalog's unique indexes).
+            conn.rollback()
+        except BaseException:
+            conn.rollback()
+            raise
+
+    def record(
+        self, conn: psycopg.Connection[Any], conn_id: str, destination: str, rows: int,
+        nbytes: int,
+    ) -> bool:
+        """Write this destination's row in the current (load) transaction.
+
+        Returns False if a try of the same lineage recorded it first (committed while this
+        one loaded): the caller must roll back, the destination is loaded already.
+        """
+        k = self.key
+        result = conn.execute(
+            sql.SQL(
+                "INSERT INTO {} AS l (dag_id, task_id, run_id, map_index, conn_id, destination,"
+                " lineage, try_number, rows, bytes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (dag_id, task_id, run_id, map_index, conn_id, destination)"
+                " DO UPDATE SET lineage = EXCLUDED.lineage, try_number = EXCLUDED.try_number,"
+                " rows = EXCLUDED.rows, bytes = EXCLUDED.bytes, loaded_at = now()"
+                " WHERE l.lineage <> EXCLUDED.lineage RETURNING 1"
+            ).format(self.table),
+            [*self._key_params(conn_id, destination), k.lineage, k.try_number, rows, nbytes],
+        ).fetchone()
+        return result is not None

@@ -1,0 +1,330 @@
+"""Planning a transfer: what to COPY out of the source, into each destination, in which format.
+
+The operator builds both COPY statements itself; a DAG author gives a query or a table name
+(``sql``) and destination tables. This module parses those names, looks up the column types
+on both sides and picks the COPY format, all before any data moves, so that bad input fails
+before a destination is written. It imports no Airflow module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import psycopg
+from psycopg import ClientCursor, pq, sql
+
+Format: TypeAlias = Literal["binary", "text", "csv"]
+FORMATS: tuple[Format, ...] = ("binary", "text", "csv")
+#: ``format=None`` (the default) means binary where the column types allow it, else text.
+AUTO_FORMAT = None
+
+Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
+
+# Built-in types have OIDs below FirstNormalObjectId (16384) and the same OID on every
+# server of a major version; binary COPY embeds element and field type OIDs in arrays and
+# composites, so only those (and enums, sent as their labels) are safe in binary between
+# databases. Anything else falls back to text, which every type supports.
+FIRST_NORMAL_OID = 16384
+
+_IDENT = r'(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*|"(?:[^"]|"")+")'
+_TABLE_NAME = re.compile(rf"\A\s*({_IDENT})(?:\s*\.\s*({_IDENT}))?\s*;?\s*\Z")
+_COLUMN_NAME = re.compile(rf"\A\s*({_IDENT})\s*\Z")
+_LEADING_NOISE = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.DOTALL)
+_COPY = re.compile(r"COPY\b", re.IGNORECASE)
+# A bare word that is an SQL keyword is never taken for a table name ("TABLE", "VALUES"...).
+_KEYWORDS = frozenset({"select", "with", "table", "values", "copy", "insert", "update", "delete"})
+
+
+class PlanError(ValueError):
+    """Bad input found while planning (no destination has been written)."""
+
+
+def _unquote(ident: str) -> str:
+    """An identifier as PostgreSQL resolves it: quoted names exactly, others folded."""
+    if ident.startswith('"'):
+        return ident[1:-1].replace('""', '"')
+    return ident.lower()
+
+
+@dataclass(frozen=True)
+class TableName:
+    """A possibly schema-qualified table name, as PostgreSQL resolves it."""
+
+    schema: str | None
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> TableName | None:
+        """The table ``text`` names (``orders``, ``public.orders``, ``"My"."Table"``), or None
+        if ``text`` is not a table name (a query, for instance)."""
+        match = _TABLE_NAME.match(text)
+        if match is None:
+            return None
+        first, second = match.group(1), match.group(2)
+        if second is None and first.lower() in _KEYWORDS:
+            return None
+        if second is None:
+            return cls(None, _unquote(first))
+        return cls(_unquote(first), _unquote(second))
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name) if self.schema else sql.Identifier(self.name)
+
+    @property
+    def regclass_text(self) -> str:
+        """The name as ``to_regclass`` reads it (quoted, so exactly this table)."""
+        return ".".join(_quote(p) for p in (self.schema, self.name) if p is not None)
+
+    def __str__(self) -> str:
+        return self.regclass_text
+
+
+def _quote(ident: str) -> str:
+    return '"' + ident.replace('"', '""') + '"'
+
+
+def parse_table(text: str, what: str = "table") -> TableName:
+    table = TableName.parse(text) if isinstance(text, str) else None
+    if table is None:
+        raise PlanError(f"{what} {text!r} is not a table name (schema.table, quoted if needed)")
+    return table
+
+
+def parse_columns(columns: Iterable[str] | None, what: str) -> list[str] | None:
+    """Column names in SQL syntax (``id``, ``"Amount"``), resolved like PostgreSQL does."""
+    if columns is None:
+        return None
+    if isinstance(columns, str):
+        raise PlanError(f"{what}: columns must be a list of column names, not a string")
+    names = []
+    for column in columns:
+        match = _COLUMN_NAME.match(column) if isinstance(column, str) else None
+        if match is None:
+            raise PlanError(f"{what}: {column!r} is not a column name")
+        names.append(_unquote(match.group(1)))
+    if not names:
+        raise PlanError(f"{what}: columns is empty (leave it out to load every column)")
+    if len(set(names)) != len(names):
+        raise PlanError(f"{what}: a column is listed twice in {list(columns)}")
+    return names
+
+
+def is_copy_statement(text: str) -> bool:
+    body = text[_LEADING_NOISE.match(text).end() :]  # type: ignore[union-attr]
+    return _COPY.match(body) is not None
+
+
+def strip_query(text: str) -> str:
+    """The query without trailing blanks and semicolons (it is wrapped in ``COPY (...)``)."""
+    query = text.strip()
+    while query.endswith(";"):
+        query = query[:-1].rstrip()
+    if not query:
+        raise PlanError("sql is empty")
+    return query
+
+
+def normalize_format(value: str | None) -> Format | None:
+    if value is None or value == "auto":
+        return AUTO_FORMAT
+    lowered = value.lower() if isinstance(value, str) else value
+    if lowered not in FORMATS:
+        raise PlanError(f"format must be one of {', '.join(FORMATS)} (or None), got {value!r}")
+    return lowered  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_oid: int
+    type_name: str  # format_type() of the type, without modifier
+    type_kind: str  # pg_type.typtype: b(ase), e(num), c(omposite), r(ange), d(omain)...
+
+    def binary_safe_with(self, other: Column) -> bool:
+        """Whether binary COPY from this column into ``other`` is byte-for-byte safe."""
+        if self.type_name != other.type_name:
+            return False
+        if self.type_kind == "e" and other.type_kind == "e":
+            return True
+        return self.type_oid == other.type_oid and self.type_oid < FIRST_NORMAL_OID
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to COPY out of the source: a table, or a query."""
+
+    text: str
+    table: TableName | None
+    query: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        if not isinstance(text, str) or not text.strip():
+            raise PlanError("sql must be a query or a table name, got an empty value")
+        if is_copy_statement(text):
+            raise PlanError(
+                "sql must be a query or a table name, not a COPY statement: the operator "
+                "builds the COPY itself"
+            )
+        table = TableName.parse(text)
+        if table is not None:
+            return cls(text, table, None)
+        return cls(text, None, strip_query(text))
+
+    def copy_out(self, fmt: Format) -> sql.Composed:
+        options = sql.SQL("(FORMAT {})").format(sql.SQL(fmt))
+        if self.table is not None:
+            return sql.SQL("COPY {} TO STDOUT {}").format(self.table.identifier, options)
+        # The newline before ")" keeps a trailing "-- comment" in the query harmless.
+        return sql.SQL("COPY (\n{}\n) TO STDOUT {}").format(sql.SQL(self.query), options)  # type: ignore[arg-type]
+
+    def describe(self, conn: psycopg.Connection[Any], params: Params | None) -> list[Column]:
+        """The columns the source's COPY will produce, in order."""
+        if self.table is not None:
+            columns = table_columns(conn, self.table, None, source=True)
+            if columns is None:
+                raise PlanError(f"source table {self.table} does not exist")
+            return columns
+        assert self.query is not None
+        text = self.query
+        if params:
+            # COPY takes no server-side parameters: psycopg binds them client-side, so
+            # describe exactly the text the server will see.
+            text = ClientCursor(conn).mogrify(text, params)
+        return _describe_query(conn, text)
+
+
+def copy_in(table: TableName, columns: Sequence[str] | None, fmt: Format) -> sql.Composed:
+    target: sql.Composable = table.identifier
+    if columns:
+        target = sql.SQL("{} ({})").format(
+            table.identifier, sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        )
+    return sql.SQL("COPY {} FROM STDIN (FORMAT {})").format(target, sql.SQL(fmt))
+
+
+def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
+    """Describe the query's result columns without running it (an unnamed prepared
+    statement), so any query COPY accepts is described as COPY will see it."""
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    result = pgconn.prepare(b"", text.encode(encoding))
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise psycopg.errors.error_from_result(result, encoding=encoding)
+    result = pgconn.describe_prepared(b"")
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise psycopg.errors.error_from_result(result, encoding=encoding)
+    fields = [
+        ((result.fname(i) or b"?").decode(encoding), result.ftype(i))
+        for i in range(result.nfields)
+    ]
+    if not fields:
+        raise PlanError("sql returns no columns")
+    types = _type_info(conn, {oid for _, oid in fields})
+    return [Column(name, oid, *types[oid]) for name, oid in fields]
+
+
+def _type_info(conn: psycopg.Connection[Any], oids: set[int]) -> dict[int, tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT oid::int, format_type(oid, NULL), typtype::text FROM pg_type "
+        "WHERE oid = ANY(%s::oid[])",
+        [sorted(oids)],
+    ).fetchall()
+    return {oid: (name, kind) for oid, name, kind in rows}
+
+
+# Domains are replaced by their base type, as the server does in a query's row description.
+_TABLE_COLUMNS = """
+SELECT a.attname::text,
+       bt.oid::int,
+       format_type(bt.oid, NULL),
+       bt.typtype::text,
+       {generated} AS generated,
+       has_column_privilege(a.attrelid, a.attnum, %(privilege)s) AS allowed
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+def table_oid(conn: psycopg.Connection[Any], table: TableName) -> int | None:
+    row = conn.execute("SELECT to_regclass(%s)::oid::int", [table.regclass_text]).fetchone()
+    return row[0] if row else None
+
+
+def table_columns(
+    conn: psycopg.Connection[Any],
+    table: TableName,
+    columns: Sequence[str] | None,
+    *,
+    source: bool = False,
+) -> list[Column] | None:
+    """The columns COPY reads (``source``) or writes for ``table``: the given ones, or every
+    column but generated ones. None if the table does not exist; ``PlanError`` for a column
+    that does not exist or may not be read/written."""
+    oid = table_oid(conn, table)
+    if oid is None:
+        return None
+    generated = "a.attgenerated <> ''" if conn.info.server_version >= 120000 else "false"
+    privilege = "SELECT" if source else "INSERT"
+    rows = conn.execute(
+        _TABLE_COLUMNS.format(generated=generated),  # type: ignore[arg-type]
+        {"oid": oid, "privilege": privilege},
+    ).fetchall()
+    by_name = {r[0]: r for r in rows}
+    if columns is None:
+        chosen = [r for r in rows if not r[4]]
+    else:
+        missing = [c for c in columns if c not in by_name]
+        if missing:
+            raise PlanError(
+                f"table {table} has no column {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(r[0] for r in rows)})"
+            )
+        chosen = [by_name[c] for c in columns]
+        generated_cols = [r[0] for r in chosen if r[4]]
+        if generated_cols:
+            raise PlanError(f"table {table}: column {generated_cols[0]!r} is generated")
+    denied = [r[0] for r in chosen if not r[5]]
+    if denied:
+        raise PlanError(
+            f"permission denied: no {privilege} privilege on table {table} "
+            f"(column {', '.join(denied)})"
+        )
+    return [Column(r[0], r[1], r[2], r[3]) for r in chosen]
+
+
+def has_table_privilege(conn: psycopg.Connection[Any], table: TableName, privilege: str) -> bool:
+    row = conn.execute(
+        "SELECT has_table_privilege(to_regclass(%s), %s)", [table.regclass_text, privilege]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def column_mismatch(source: Sequence[Column], dest: Sequence[Column]) -> str | None:
+    """Why the destination columns cannot take the source columns, or None."""
+    if len(source) != len(dest):
+        return (
+            f"the source has {len(source)} columns ({', '.join(c.name for c in source)}), "
+            f"the destination {len(dest)} ({', '.join(c.name for c in dest)})"
+        )
+    return None
+
+
+def binary_safe(source: Sequence[Column], dest: Sequence[Column]) -> bool:
+    return len(source) == len(dest) and all(
+        s.binary_safe_with(d) for s, d in zip(source, dest, strict=True)
+    )
+
+
+def first_type_difference(source: Sequence[Column], dest: Sequence[Column]) -> str | None:
+    for s, d in zip(source, dest, strict=False):
+        if not s.binary_safe_with(d):
+            return f"{s.name} {s.type_name} -> {d.name} {d.type_name}"
+    return None

@@ -1,0 +1,383 @@
+"""CopyManOperator: one pass over a PostgreSQL source, loaded into many destinations.
+
+Retries load only what failed. Each destination loads in its own transaction, and a small
+ledger table in the destination database (:mod:`airflow_copyman._ledger`) records the load
+in that same transaction: the data and the record of having loaded it commit together.
+The next try of the task skips every destination the ledger lists for this lineage of
+tries, so no destination is ever loaded twice by retries, not even when a try dies right
+after a commit. Airflow 3.3's ``task_state_store`` holds the lineage (which tries belong
+together) and mirrors the ledger, for the Airflow UI and REST API.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_copyman import _plan
+from airflow_copyman._ledger import Ledger, TaskKey
+from airflow_copyman.hooks.copyman import (
+    PROGRESS_INTERVAL,
+    CopyManConfigError,
+    CopyManError,
+    CopyManHook,
+    Destination,
+    DestinationResult,
+    TransferReport,
+    destinations_from,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: The ``task_state_store`` key holding the lineage and the destinations it loaded.
+STATE_KEY = "copyman"
+#: Default schema of the ledger table in each destination database.
+LEDGER_SCHEMA = "public"
+
+
+class CopyManDestinationsFailed(CopyManError):
+    """Some destinations failed with errors a retry may fix: the task retries, and the
+    next try loads only them."""
+
+
+class CopyManPermanentFailure(CopyManError, AirflowFailException):
+    """Every failure is one that no retry can fix: the task fails without retrying."""
+
+
+class CopyManOperator(BaseOperator):
+    """Copy the rows of a query (or table) from a PostgreSQL source into many PostgreSQL
+    destinations in one pass, with COPY streams and bounded memory.
+
+    Each destination loads in its own transaction and commits only once it received
+    every row, so none is ever left with part of the data. When destinations fail, the
+    others still commit; the task then fails naming the failed ones, and its next try
+    loads only those. Failures that no retry can fix (an undefined table or column, a
+    type mismatch, bad data, a permission denied, bad SQL) fail the task without retrying.
+
+    :param source_conn_id: the source's ``postgres`` connection id. (templated)
+    :param sql: a query, a table name (``schema.table``), or a ``.sql`` file holding
+        either; not a COPY statement: the operator builds the COPY itself. (templated)
+    :param destinations: a list of mappings, one per destination: ``conn_id``, ``table``
+        and optionally ``columns`` (the table's columns to fill, in the source's column
+        order), ``truncate`` (empty the table first) and ``preoperator`` (SQL, or a list
+        of SQL, run before the COPY). TRUNCATE, preoperator and COPY share the load's
+        transaction. (templated)
+    :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every
+        destination's column types equal the source's, text otherwise.
+    :param parameters: query parameters for ``sql`` (``%s`` / ``%(name)s``). (templated)
+    :param ledger_schema: the schema of the ``copyman_ledger`` table created in each
+        destination database; None keeps no ledger and relies on ``task_state_store`` only
+        (then a try that dies between a commit and its bookkeeping may load that
+        destination again on the next try).
+    :param resume_on_clear: when the task is cleared and run again for the same DAG run,
+        load only the destinations that were never loaded (default: load all again, as a
+        re-run normally does).
+    :param progress_interval: seconds between two progress lines in the log.
+    :param receiver_timeout: seconds a destination may accept no data before it fails.
+    """
+
+    template_fields: Sequence[str] = ("source_conn_id", "sql", "destinations", "parameters")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        "sql": "sql",
+        "destinations": "json",
+        "parameters": "json",
+    }
+    ui_color = "#d5e8f5"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        sql: str,
+        destinations: Sequence[Mapping[str, Any] | Destination] | Any,
+        format: str | None = None,
+        parameters: Sequence[Any] | Mapping[str, Any] | None = None,
+        ledger_schema: str | None = LEDGER_SCHEMA,
+        resume_on_clear: bool = False,
+        progress_interval: float = PROGRESS_INTERVAL,
+        receiver_timeout: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source_conn_id = source_conn_id
+        self.sql = sql
+        self.destinations = destinations
+        self.format = format
+        self.parameters = parameters
+        self.ledger_schema = ledger_schema
+        self.resume_on_clear = resume_on_clear
+        self.progress_interval = progress_interval
+        self.receiver_timeout = receiver_timeout
+        self._hook: CopyManHook | None = None
+        self._killed = False
+        self._report: TransferReport | None = None
+        # Check what can be checked before templates are rendered: a DAG with bad
+        # arguments fails when it is parsed, not when it runs.
+        try:
+            _plan.normalize_format(format)
+        except _plan.PlanError as exc:
+            raise ValueError(f"{self.task_id}: {exc}") from None
+        if isinstance(sql, str) and _plan.is_copy_statement(sql):
+            raise ValueError(
+                f"{self.task_id}: sql must be a query or a table name, not a COPY "
+                "statement: the operator builds the COPY itself"
+            )
+        if isinstance(destinations, list | tuple):
+            if not destinations:
+                raise ValueError(f"{self.task_id}: destinations is empty: give at least one")
+            try:
+                destinations_from(destinations)
+            except CopyManConfigError as exc:
+                raise ValueError(f"{self.task_id}: {exc}") from None
+
+    # Execution.
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        ti = context["ti"]
+        try:
+            specs = self._destination_specs()
+        except CopyManConfigError as exc:
+            raise CopyManPermanentFailure(str(exc)) from None
+        store = context.get("task_state_store")
+        state = _StateMirror(store, ti.max_tries, resume_on_clear=self.resume_on_clear)
+        map_index = ti.map_index if ti.map_index is not None else -1
+        key = TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, state.lineage, ti.try_number)
+        ledger = None
+        if self.ledger_schema:
+            ledger = Ledger(self.ledger_schema, key, resume_on_clear=self.resume_on_clear)
+        # Without a ledger, the state store is the record of what was loaded.
+        skipped: dict[str, DestinationResult] = {}
+        if ledger is None:
+            for spec in specs:
+                if (entry := state.loaded(spec)) is not None:
+                    skipped[spec.label] = entry
+                    self.log.info(
+                        "%s: already loaded by try %s (task_state_store): skipped",
+                        spec.label,
+                        entry.try_number,
+                    )
+        pending = [s for s in specs if s.label not in skipped]
+        self.log.info(
+            "Try %d, lineage %s: %d destination(s) to load, %d already loaded%s",
+            ti.try_number,
+            state.lineage,
+            len(pending),
+            len(skipped),
+            f" (ledger {ledger.name})" if ledger else " (no ledger: task_state_store only)",
+        )
+        hook = CopyManHook(self.source_conn_id)
+        self._hook = hook
+        report: TransferReport
+        try:
+            if self._killed:
+                raise AirflowException("the task was killed before the copy started")
+            if pending:
+                report = hook.transfer(
+                    self.sql,
+                    pending,
+                    parameters=self.parameters,
+                    format=self.format,
+                    ledger=ledger,
+                    on_commit=lambda result: state.record(result, ti.try_number),
+                    progress_interval=self.progress_interval,
+                    receiver_timeout=self.receiver_timeout,
+                )
+            else:
+                report = TransferReport(0, 0, None, 0.0, [])
+        except CopyManConfigError as exc:
+            raise CopyManPermanentFailure(str(exc)) from None
+        finally:
+            self._hook = None
+        # In the order the destinations were given, skipped ones included.
+        by_label = {r.label: r for r in report.destinations}
+        report.destinations = [by_label.get(s.label) or skipped[s.label] for s in specs]
+        if not pending:
+            report.rows = max((r.rows or 0 for r in report.destinations), default=0)
+            report.bytes = max((r.bytes or 0 for r in report.destinations), default=0)
+        self._report = report
+        state.sync(report, ti.try_number)
+        self._check_counts(report)
+        if self._killed:
+            raise AirflowException("the task was killed: nothing was committed after the kill")
+        failed = report.failed
+        if failed:
+            raise self._failure(report)
+        result = report.as_dict()
+        ti.xcom_push(key="rows", value=report.rows)
+        ti.xcom_push(key="bytes", value=report.bytes)
+        return result
+
+    def on_kill(self) -> None:
+        """Cancel every COPY and statement in flight; nothing is committed after this.
+
+        Called from the task's SIGTERM handler (the supervisor sends SIGKILL 5 s later),
+        so it only cancels: ``execute`` then rolls everything back and fails.
+        """
+        self._killed = True
+        hook = self._hook
+        if hook is not None:
+            hook.cancel()
+
+    def _destination_specs(self) -> list[Destination]:
+        destinations = self.destinations
+        if isinstance(destinations, Mapping):
+            destinations = [destinations]
+        if not isinstance(destinations, list | tuple):
+            raise CopyManConfigError(
+                f"destinations must be a list of mappings, got {type(destinations).__name__}"
+            )
+        if not destinations:
+            raise CopyManConfigError("destinations is empty: give at least one")
+        if isinstance(self.sql, str) and _plan.is_copy_statement(self.sql):
+            raise CopyManConfigError(
+                "sql must be a query or a table name, not a COPY statement: the operator "
+                "builds the COPY itself"
+            )
+        return destinations_from(destinations)
+
+    def _check_counts(self, report: TransferReport) -> None:
+        counts = {r.rows for r in report.destinations if r.status != "failed"}
+        if len(counts) > 1:
+            self.log.warning(
+                "The destinations hold different row counts (%s): the source changed "
+                "between the tries that loaded them",
+                ", ".join(
+                    f"{r.label}={r.rows}" for r in report.destinations if r.status != "failed"
+                ),
+            )
+
+    def _failure(self, report: TransferReport) -> CopyManError:
+        failed = report.failed
+        permanent = all(r.permanent for r in failed)
+        lines = [
+            f"{len(failed)} of {len(report.destinations)} destination(s) failed"
+            + (
+                " with errors no retry can fix"
+                if permanent
+                else "; the next try loads only the failed ones"
+            )
+            + ":"
+        ]
+        lines += [
+            f"  {r.label}: {r.error} ({'permanent' if r.permanent else 'transient'})"
+            for r in failed
+        ]
+        done = [r for r in report.destinations if r.status != "failed"]
+        if done:
+            lines.append(
+                "Loaded: "
+                + ", ".join(
+                    f"{r.label} ({r.rows} rows"
+                    + (", by an earlier try)" if r.status == "already_loaded" else ")")
+                    for r in done
+                )
+            )
+        message = "\n".join(lines)
+        if permanent:
+            return CopyManPermanentFailure(message)
+        return CopyManDestinationsFailed(message)
+
+    # OpenLineage (used only where apache-airflow-providers-openlineage is installed).
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        return self._lineage(None)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        return self._lineage(self._report)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return self._lineage(self._report)
+
+    def _lineage(self, report: TransferReport | None) -> Any:
+        try:
+            from airflow_copyman._lineage import operator_lineage
+        except ImportError:  # pragma: no cover - the module imports lazily itself
+            return None
+        return operator_lineage(self, report)
+
+
+class _StateMirror:
+    """The task's ``task_state_store`` record: the lineage, and what it loaded.
+
+    Retries of a task instance share one store record (Airflow keys it by DAG run, task
+    and map index); a manual clear keeps it, but raises ``max_tries`` (to ``try_number +
+    retries``), and a re-created DAG run starts with an empty store. So the lineage is a
+    random id kept in the store together with ``max_tries``: same ``max_tries``, same
+    lineage; otherwise a new one. Without a store (Airflow < 3.3, or ``execute`` called
+    outside a task run), the lineage is derived from ``max_tries`` alone.
+    """
+
+    def __init__(self, store: Any, max_tries: int, *, resume_on_clear: bool) -> None:
+        self.store = store
+        self.record_: dict[str, Any] = {}
+        previous = store.get(STATE_KEY) if store is not None else None
+        if (
+            isinstance(previous, dict)
+            and previous.get("max_tries") == max_tries
+            and isinstance(previous.get("lineage"), str)
+        ):
+            self.record_ = previous
+            self.lineage: str = previous["lineage"]
+            return
+        if store is None:
+            self.lineage = f"max_tries-{max_tries}"
+        else:
+            self.lineage = uuid.uuid4().hex
+        carried = {}
+        if resume_on_clear and isinstance(previous, dict):
+            carried = dict(previous.get("destinations") or {})
+        self.record_ = {"lineage": self.lineage, "max_tries": max_tries, "destinations": carried}
+        self._write()
+
+    def loaded(self, spec: Destination) -> DestinationResult | None:
+        entry = (self.record_.get("destinations") or {}).get(spec.label)
+        if not isinstance(entry, dict):
+            return None
+        return DestinationResult(
+            spec.conn_id,
+            spec.table,
+            status="already_loaded",
+            rows=entry.get("rows"),
+            bytes=entry.get("bytes"),
+            try_number=entry.get("try_number"),
+        )
+
+    def record(self, result: DestinationResult, try_number: int) -> None:
+        self.record_.setdefault("destinations", {})[result.label] = {
+            "rows": result.rows,
+            "bytes": result.bytes,
+            "try_number": result.try_number or try_number,
+            "loaded_at": datetime.now(UTC).isoformat(),
+        }
+        self._write()
+
+    def sync(self, report: TransferReport, try_number: int) -> None:
+        """Bring the mirror in line with the ledger after a try (a load the ledger shows
+        but the store missed: a try died between a commit and its bookkeeping)."""
+        destinations = self.record_.setdefault("destinations", {})
+        for result in report.destinations:
+            if result.status in ("loaded", "already_loaded") and result.label not in destinations:
+                destinations[result.label] = {
+                    "rows": result.rows,
+                    "bytes": result.bytes,
+                    "try_number": result.try_number or try_number,
+                }
+        self.record_["last_try"] = try_number
+        self.record_["failed"] = [r.label for r in report.failed]
+        try:
+            self._write()
+        except Exception as exc:  # the ledger is the record; this is a mirror
+            import logging
+
+            logging.getLogger(__name__).warning("Could not update task_state_store: %s", exc)
+
+    def _write(self) -> None:
+        if self.store is not None:
+            self.store.set(STATE_KEY, self.record_)

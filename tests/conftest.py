@@ -1,0 +1,66 @@
+"""Real PostgreSQL servers for the tests (testcontainers or local binaries; never mocks)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from airflow_copyman.testing.servers import (
+    ContainerServer,
+    LocalServer,
+    ServerPool,
+    connect,
+    create_database,
+)
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server_pool() -> Iterator[ServerPool]:
+    pool = ServerPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def server(server_pool: ServerPool) -> LocalServer | ContainerServer:
+    """One server shared by the session; tests get databases of their own on it."""
+    return server_pool.new()
+
+
+@pytest.fixture
+def spare_server(server_pool: ServerPool) -> LocalServer | ContainerServer:
+    """A server of the test's own, for tests that stop or kill it."""
+    return server_pool.new()
+
+
+class Databases:
+    """Fresh databases on a server, and connections to them closed at the end."""
+
+    def __init__(self, server: LocalServer | ContainerServer) -> None:
+        self.server = server
+        self.connections: list[psycopg.Connection] = []
+
+    def new(self, prefix: str = "db", server: LocalServer | ContainerServer | None = None,
+            **kwargs: object) -> psycopg.Connection:
+        target = server or self.server
+        name = f"{prefix}_{next(_names)}"
+        create_database(target.address, name)
+        conn = connect(target.address, name, **kwargs)
+        self.connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture
+def dbs(server: LocalServer | ContainerServer) -> Iterator[Databases]:
+    databases = Databases(server)
+    yield databases
+    databases.close()
