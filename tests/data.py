@@ -19,7 +19,8 @@ COLUMNS = """
 _FILL = """
 INSERT INTO {table}
 SELECT g,
-       CASE WHEN g %% 7 = 0 THEN NULL ELSE timestamptz '2024-01-01 00:00+00' + g * interval '1 min' END,
+       CASE WHEN g %% 7 = 0 THEN NULL
+            ELSE timestamptz '2024-01-01 00:00+00' + g * interval '1 min' END,
        CASE WHEN g %% 7 = 0 THEN NULL
             ELSE 'row ' || g || E'\\t tab \\n newline \\\\ back "quote", comma ü€' END,
        CASE WHEN g %% 7 = 0 THEN NULL ELSE g * 1.2345 END,
