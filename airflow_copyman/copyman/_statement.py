@@ -373,7 +373,17 @@ class StatementReceiver(_StatementFitting, Receiver):
             self._state = self._DONE
             for res in results:
                 _raise_for(res, pg)
-            self.server_rows = results[-1].command_tuples if results else None
+            if not results:
+                # Seen when the server rejected a row while data was still flowing: libpq
+                # kept only the message. A COPY is complete only with the server's
+                # COMMAND_OK, never by default.
+                raise e.OperationalError(
+                    f"{self!r}: the COPY ended without the server's result: "
+                    f"{pg.get_error_message() or 'no message'}"
+                )
+            self.server_rows = results[-1].command_tuples
+            if self.server_rows is None:
+                raise RowCountMismatch(f"{self!r}: the server reported no COPY row count")
             self._check_rows(self.server_rows)
             self.completed = True
         return Wait.READY

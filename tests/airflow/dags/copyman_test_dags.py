@@ -1,0 +1,199 @@
+"""The DAGs of the Airflow end-to-end tests (one file: dag.test() parses the whole folder on
+every run, so fewer files run faster). Connections come from ``AIRFLOW_CONN_*`` that each
+test points at fresh databases; callbacks record failures and retries for the tests."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+from airflow.sdk import DAG, task
+
+from airflow_copyman.operators.copyman import CopyManOperator
+
+START = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+
+
+def _record(event: str) -> Any:
+    def callback(context: Any) -> None:
+        path = os.environ.get("COPYMAN_TEST_EVENTS")
+        if not path:
+            return
+        exc = context.get("exception")
+        with open(path, "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "event": event,
+                        "task_id": context["ti"].task_id,
+                        "try_number": context["ti"].try_number,
+                        "exception": type(exc).__name__ if exc else None,
+                        "bases": [c.__name__ for c in type(exc).__mro__] if exc else [],
+                        "message": str(exc) if exc else None,
+                    }
+                )
+                + "\n"
+            )
+
+    return callback
+
+
+DEFAULTS = {
+    "retries": 3,
+    "retry_delay": datetime.timedelta(seconds=1),
+    "on_failure_callback": _record("failure"),
+    "on_retry_callback": _record("retry"),
+}
+
+# A clean fan-out, templating, truncate/preoperator, csv with columns, and a downstream
+# task reading the totals from XCom.
+with DAG(
+    "copyman_test_fanout",
+    schedule=None,
+    start_date=START,
+    default_args=DEFAULTS,
+    params={"modulo": 2, "target": "public.orders_day"},
+) as fanout_dag:
+    fanout3 = CopyManOperator(
+        task_id="fanout3",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "orders"},
+            {"conn_id": "pg_d2", "table": "public.orders"},
+            {"conn_id": "pg_d3", "table": "archive.orders"},
+        ],
+        progress_interval=0.0,
+    )
+    templated = CopyManOperator(
+        task_id="templated",
+        source_conn_id="pg_src",
+        sql="templated_orders.sql",
+        destinations=[{"conn_id": "pg_d1", "table": "{{ params.target }}"}],
+    )
+    truncate_preop = CopyManOperator(
+        task_id="truncate_preop",
+        source_conn_id="pg_src",
+        sql="SELECT * FROM orders WHERE day = '{{ ds }}';",
+        destinations=[
+            {"conn_id": "pg_d2", "table": "orders_trunc", "truncate": True},
+            {
+                "conn_id": "pg_d3",
+                "table": "orders_preop",
+                "preoperator": [
+                    "DELETE FROM orders_preop WHERE day = '{{ ds }}'",
+                    "INSERT INTO load_audit VALUES ('{{ ds }}', '{{ ti.task_id }}')",
+                ],
+            },
+        ],
+    )
+    csv_columns = CopyManOperator(
+        task_id="csv_columns",
+        source_conn_id="pg_src",
+        sql="SELECT id, customer FROM orders WHERE id <= %(last)s",
+        parameters={"last": 100},
+        format="csv",
+        destinations=[{"conn_id": "pg_d1", "table": "people", "columns": ["id", "customer"]}],
+    )
+
+    @task
+    def report(rows: int, totals: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "rows": rows,
+            "statuses": [d["status"] for d in totals["destinations"]],
+            "tables": [d["table"] for d in totals["destinations"]],
+        }
+
+    report(fanout3.output["rows"], fanout3.output)
+
+
+# A destination whose backend dies mid-copy on the first try only.
+with DAG("copyman_test_retry", schedule=None, start_date=START, default_args=DEFAULTS) as retry_dag:
+    CopyManOperator(
+        task_id="retry_once",
+        source_conn_id="pg_src",
+        sql="SELECT * FROM orders",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "orders"},
+            {"conn_id": "pg_d2", "table": "orders"},
+            {"conn_id": "pg_d3", "table": "orders"},
+        ],
+        retries=2,
+    )
+
+
+# Failures that no retry can fix, and bad input: each task must fail on its first try.
+with DAG(
+    "copyman_test_failures", schedule=None, start_date=START, default_args=DEFAULTS
+) as failures_dag:
+    good = {"conn_id": "pg_d1", "table": "orders_untouched"}
+    CopyManOperator(
+        task_id="permanent_mid_copy",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "orders"},
+            {"conn_id": "pg_d2", "table": "orders_checked"},
+        ],
+    )
+    CopyManOperator(
+        task_id="unknown_conn",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[good, {"conn_id": "pg_missing", "table": "orders"}],
+    )
+    CopyManOperator(
+        task_id="not_postgres",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[good, {"conn_id": "not_pg", "table": "orders"}],
+    )
+    CopyManOperator(
+        task_id="missing_table",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[good, {"conn_id": "pg_d2", "table": "public.no_such_table"}],
+    )
+    CopyManOperator(
+        task_id="column_mismatch",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[good, {"conn_id": "pg_d2", "table": "orders_narrow"}],
+    )
+    CopyManOperator(
+        task_id="bad_sql",
+        source_conn_id="pg_src",
+        sql="SELEC * FROM orders",
+        destinations=[good],
+    )
+    CopyManOperator(
+        task_id="leaky_preoperator",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "orders_leak"},
+            {
+                "conn_id": "pg_d2",
+                "table": "orders",
+                "preoperator": "DO $$ BEGIN RAISE EXCEPTION 'leak %', "
+                "'{{ conn.pg_d2.password }}'; END $$",
+            },
+        ],
+    )
+
+
+# A long, slow transfer for on_kill (run in a subprocess that receives SIGTERM).
+with DAG("copyman_test_kill", schedule=None, start_date=START) as kill_dag:
+    CopyManOperator(
+        task_id="slow_copy",
+        source_conn_id="pg_src",
+        sql="SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 5000000) g "
+        "WHERE g % 500 <> 0 OR pg_sleep(0.01) IS NOT NULL",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "kill_target"},
+            {"conn_id": "pg_d2", "table": "kill_target"},
+        ],
+        retries=0,
+    )

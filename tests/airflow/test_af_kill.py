@@ -1,0 +1,84 @@
+"""on_kill: SIGTERM to the process running a long transfer cancels every COPY at once and
+commits nothing anywhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from af_support import Database, PgServers
+
+HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+ACTIVE_COPIES = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'airflow-copyman'
+  AND state = 'active' AND query LIKE 'COPY%%'
+"""
+
+RUNNER = """
+import sys
+sys.path.insert(0, {here!r})
+from af_support import run_dag
+run = run_dag("copyman_test_dags.py", "copyman_test_kill")
+print("RUN_RESULT", run.state, run.tis, flush=True)
+"""
+
+
+def _wait(condition: object, timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_cancels_every_copy_and_commits_nothing(
+    pg: PgServers, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    src = pg.database(pg.src, "ksrc")
+    d1, d2 = pg.database(pg.dst1, "kd1"), pg.database(pg.dst2, "kd2")
+    for db in (d1, d2):
+        db.execute("CREATE TABLE kill_target (id integer, note text)")
+    monkeypatch.setenv("AIRFLOW_CONN_PG_SRC", src.uri())
+    monkeypatch.setenv("AIRFLOW_CONN_PG_D1", d1.uri())
+    monkeypatch.setenv("AIRFLOW_CONN_PG_D2", d2.uri())
+    log = tmp_path / "task.log"
+
+    def copying(db: Database) -> bool:
+        return bool(db.scalar(ACTIVE_COPIES))
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", RUNNER.format(here=str(HERE))],
+            stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        )
+    try:
+        _wait(lambda: copying(d1) and copying(d2), 120, "both destination COPYs to start")
+        time.sleep(1.5)  # mid-copy: rows are flowing (the source runs for minutes)
+        killed = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stopped = _wait(
+            lambda: not copying(d1) and not copying(d2) and not copying(src),
+            10,
+            "the COPYs to be cancelled",
+        )
+        # The supervisor sends SIGKILL 5 s after SIGTERM: the cancel must beat it.
+        assert stopped - killed < 5.0
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert "RUN_RESULT failed" in output, output[-3000:]
+    assert "the task was killed" in output
+    for db in (d1, d2):
+        assert db.scalar("SELECT count(*) FROM kill_target") == 0
+        assert db.scalar("SELECT count(*) FROM copyman_ledger") == 0
