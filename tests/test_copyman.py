@@ -602,3 +602,24 @@ def test_run_raises_only_copyfail(dbs: Databases, source: psycopg.Connection) ->
     assert count(dest) == 1
     assert "password" not in str(failed.value)
     assert dbs.server.address.password not in str(failed.value)
+
+
+def test_a_row_rejected_at_once_is_always_a_fault(dbs: Databases) -> None:
+    """The server's error and its end of COPY can reach us in separate reads: the receiver
+    must still see the error (a lost result once made a failed COPY look complete)."""
+    src, good, strict = dbs.new("src"), dbs.new("dst"), dbs.new("dst")
+    src.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 500) g")
+    src.commit()
+    for conn, check in ((good, ""), (strict, " CHECK (id > 400)")):
+        conn.execute(f"CREATE TABLE t (id int{check})")
+        conn.commit()
+    for _ in range(20):
+        receivers = [copyman.StatementReceiver(c, in_sql(table="t")) for c in (good, strict)]
+        with copyman.CopyManager(
+            copyman.StatementProducer(src, out_sql(table="t")), *receivers
+        ) as manager:
+            faults = run_with_faults(manager)
+        assert isinstance(faults[receivers[1]], psycopg.errors.CheckViolation)
+        assert manager.completed == {receivers[0]}
+        for conn in (src, good, strict):
+            conn.rollback()

@@ -315,6 +315,7 @@ class StatementReceiver(_StatementFitting, Receiver):
         self._state = self._DATA
         self._unflushed = False
         self._offset = 0  # how much of the head batch was already given to libpq
+        self._results: list[pq.abc.PGresult] = []  # the COPY's final results, as they come
 
     def start(self) -> None:
         Receiver.start(self)
@@ -362,7 +363,9 @@ class StatementReceiver(_StatementFitting, Receiver):
             self.progress_at = time.monotonic()
         if self._state == self._RESULT:
             pg.consume_input()
-            results = []
+            # Results may arrive over several steps (an error result, then the end): keep
+            # them across steps, or a failed COPY could look like one without a result.
+            results = self._results
             while not pg.is_busy():
                 res = pg.get_result()
                 if res is None:
@@ -373,10 +376,8 @@ class StatementReceiver(_StatementFitting, Receiver):
             self._state = self._DONE
             for res in results:
                 _raise_for(res, pg)
-            if not results:
-                # Seen when the server rejected a row while data was still flowing: libpq
-                # kept only the message. A COPY is complete only with the server's
-                # COMMAND_OK, never by default.
+            if not results:  # pragma: no cover - libpq always gives a final result
+                # A COPY is complete only with the server's COMMAND_OK, never by default.
                 raise e.OperationalError(
                     f"{self!r}: the COPY ended without the server's result: "
                     f"{pg.get_error_message() or 'no message'}"
