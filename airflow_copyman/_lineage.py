@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_copyman import _plan
 
 if TYPE_CHECKING:
-    from airflow_copyman.hooks.copyman import TransferReport
+    from airflow_copyman._destinations import TransferReport
     from airflow_copyman.operators.copyman import CopyManOperator
 
 log = logging.getLogger(__name__)

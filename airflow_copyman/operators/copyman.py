@@ -20,17 +20,16 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_copyman import _plan
-from airflow_copyman._ledger import Ledger, TaskKey
-from airflow_copyman.hooks.copyman import (
-    PROGRESS_INTERVAL,
+from airflow_copyman._destinations import (
     CopyManConfigError,
     CopyManError,
-    CopyManHook,
     Destination,
     DestinationResult,
     TransferReport,
     destinations_from,
 )
+from airflow_copyman._ledger import Ledger, TaskKey
+from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -1,0 +1,672 @@
+"""The run of one CopyMan transfer: connect, plan, per-destination transactions, ledger, progress.
+
+:meth:`airflow_copyman.hooks.copyman.CopyManHook.transfer` creates a :class:`Transfer` and
+runs it; :class:`Target` is one destination during that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import pq
+
+from airflow_copyman import _classify, _plan, copyman
+from airflow_copyman._destinations import (
+    CopyManConfigError,
+    Destination,
+    DestinationResult,
+    TransferReport,
+)
+from airflow_copyman._ledger import Entry, Ledger
+from airflow_copyman.hooks.copyman import CopyManHook
+
+
+class Target:
+    """One destination during a transfer."""
+
+    def __init__(self, spec: Destination, hook: CopyManHook) -> None:
+        self.spec = spec
+        self.hook = hook
+        self.result = DestinationResult(spec.conn_id, spec.table)
+        self.table: _plan.TableName | None = None
+        self.columns: list[str] | None = None
+        self.conn: psycopg.Connection[Any] | None = None
+        self.receiver: copyman.StatementReceiver | None = None
+        self.started = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self.result.status == "pending"
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+class Transfer:
+    """The state of one :meth:`CopyManHook.transfer` call."""
+
+    def __init__(
+        self,
+        source: CopyManHook,
+        sql: str,
+        destinations: Sequence[Destination | Mapping[str, Any]],
+        *,
+        parameters: _plan.Params | None,
+        format: str | None,
+        ledger: Ledger | None,
+        on_commit: Callable[[DestinationResult], None] | None,
+        progress_interval: float,
+        receiver_timeout: float,
+    ) -> None:
+        self.hook = source
+        self.log = source.log
+        self.sql = sql
+        self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
+        self.parameters = parameters or None
+        try:
+            self.requested_format = _plan.normalize_format(format)
+        except _plan.PlanError as exc:
+            raise CopyManConfigError(str(exc)) from None
+        self.ledger = ledger
+        self.on_commit = on_commit
+        self.progress_interval = progress_interval
+        self.receiver_timeout = receiver_timeout
+        self.targets: list[Target] = []
+        self.src: psycopg.Connection[Any] | None = None
+        self.format: _plan.Format | None = None
+        self.producer: copyman.StatementProducer | None = None
+        self.manager: copyman.CopyManager | None = None
+        self.cancelled = False
+        self.interrupt: BaseException | None = None
+        self.source_rows: int | None = None
+        self.source_bytes = 0
+        self.secrets: list[str] = []
+        try:
+            self.source = _plan.Source.parse(sql)
+        except _plan.PlanError as exc:
+            raise CopyManConfigError(f"source {source.conn_id}: {exc}") from None
+
+    # The phases.
+
+    def run(self) -> TransferReport:
+        started = time.monotonic()
+        if not self.specs:
+            raise CopyManConfigError("no destinations: give at least one")
+        self._resolve()
+        try:
+            self._connect()
+            if self.ledger is not None:
+                self._check_ledger()
+            if any(t.pending for t in self.targets):
+                self._plan()
+            if self.ledger is not None and any(t.pending for t in self.targets):
+                self._prepare_ledger()
+            if any(t.pending for t in self.targets):
+                self._load()
+        finally:
+            self._close()
+        if self.interrupt is not None:
+            raise self.interrupt
+        report = self._report(time.monotonic() - started)
+        self._log_summary(report)
+        return report
+
+    def _resolve(self) -> None:
+        """Look every connection up before connecting anywhere: bad input fails first."""
+        seen: dict[tuple[str, str], int] = {}
+        errors = []
+        try:
+            self.hook.check_connection()
+        except CopyManConfigError as exc:
+            errors.append(f"source: {exc}")
+        self.secrets.extend(self.hook.secrets)
+        for i, spec in enumerate(self.specs):
+            where = f"destination #{i + 1} ({spec.conn_id}, table {spec.table})"
+            target = Target(spec, CopyManHook(spec.conn_id))
+            self.targets.append(target)
+            try:
+                target.table = _plan.parse_table(spec.table)
+                target.columns = _plan.parse_columns(spec.columns, f"table {spec.table}")
+                target.hook.check_connection()
+            except (CopyManConfigError, _plan.PlanError) as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            self.secrets.extend(target.hook.secrets)
+            key = (spec.conn_id, str(target.table))
+            if key in seen:
+                errors.append(f"{where}: the same table is destination #{seen[key] + 1} too")
+            seen.setdefault(key, i)
+        if errors:
+            raise CopyManConfigError(self._redact("; ".join(errors)))
+
+    def _connect(self) -> None:
+        """Connect everywhere; a connection refused for good (bad password, no such
+        database, invalid option) is bad input, one that may come back fails its side."""
+        errors = []
+        source_error: psycopg.Error | None = None
+        try:
+            self.src = self.hook.get_conn()
+        except psycopg.Error as exc:
+            if _classify.is_permanent(exc):
+                errors.append(f"source {self.hook.describe()}: {_classify.describe(exc)}")
+            source_error = exc
+        for i, target in enumerate(self.targets):
+            try:
+                target.conn = target.hook.get_conn()
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(
+                        f"destination #{i + 1} ({target.hook.describe()}): "
+                        f"{_classify.describe(exc)}"
+                    )
+                else:
+                    self._fail(target, exc, "connecting")
+        if errors:
+            raise CopyManConfigError(self._redact("; ".join(errors)))
+        if source_error is not None:
+            self._source_failed(source_error, "connecting")
+
+    def _check_ledger(self) -> None:
+        assert self.ledger is not None
+        for target in self._pending():
+            assert target.conn is not None
+            try:
+                entry = self.ledger.lookup(target.conn, target.spec.conn_id, str(target.table))
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    raise self._config_error(
+                        target, exc, f"reading the ledger {self.ledger.name}"
+                    ) from exc
+                self._fail(target, exc, "reading the ledger")
+                continue
+            if entry is not None:
+                self._already_loaded(target, entry)
+
+    def _plan(self) -> None:
+        assert self.src is not None
+        src = self.src
+        try:
+            source_columns = self.source.describe(src, self.parameters)
+            src.rollback()
+        except _plan.PlanError as exc:
+            raise CopyManConfigError(
+                self._redact(f"source {self.hook.describe()}: {exc}")
+            ) from None
+        except psycopg.Error as exc:
+            if _classify.is_permanent(exc):
+                raise CopyManConfigError(
+                    self._redact(f"source {self.hook.describe()}: {_classify.describe(exc)}")
+                ) from exc
+            self._source_failed(exc, "describing the source")
+            return
+        errors = []
+        binary_ok = True
+        difference = None
+        for i, target in enumerate(self.targets):
+            if not target.pending:
+                continue
+            assert target.conn is not None and target.table is not None
+            where = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
+            try:
+                columns = _plan.table_columns(target.conn, target.table, target.columns)
+                if columns is None:
+                    errors.append(f"{where}: table {target.table} does not exist")
+                    continue
+                mismatch = _plan.column_mismatch(source_columns, columns)
+                if mismatch:
+                    errors.append(f"{where}: column count mismatch: {mismatch}")
+                    continue
+                if target.spec.truncate and not _plan.has_table_privilege(
+                    target.conn, target.table, "TRUNCATE"
+                ):
+                    errors.append(f"{where}: permission denied: no TRUNCATE privilege")
+                    continue
+                target.conn.rollback()
+            except _plan.PlanError as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(f"{where}: {_classify.describe(exc)}")
+                else:
+                    self._fail(target, exc, "checking the table")
+                continue
+            if not _plan.binary_safe(source_columns, columns):
+                binary_ok = False
+                difference = difference or _plan.first_type_difference(source_columns, columns)
+        if errors:
+            raise CopyManConfigError(self._redact("; ".join(errors)))
+        if self.requested_format is not None:
+            self.format = self.requested_format
+            if self.format == "binary" and not binary_ok:
+                self.log.warning(
+                    "format='binary' was asked although the column types differ (%s): the "
+                    "COPY fails if the destination cannot read the source's binary values",
+                    difference,
+                )
+        elif binary_ok:
+            self.format = "binary"
+        else:
+            self.format = "text"
+            self.log.info("Column types differ (%s): copying in text format", difference)
+
+    def _prepare_ledger(self) -> None:
+        assert self.ledger is not None
+        errors = []
+        for target in self._pending():
+            assert target.conn is not None
+            try:
+                self.ledger.ensure_table(target.conn)
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(
+                        f"{target.spec.conn_id}: cannot create the ledger table "
+                        f"{self.ledger.name} ({_classify.describe(exc)}); set ledger_schema to "
+                        "a schema the connection may write, or None to keep no ledger"
+                    )
+                else:
+                    self._fail(target, exc, "creating the ledger table")
+        if errors:
+            raise CopyManConfigError(self._redact("; ".join(errors)))
+
+    def _load(self) -> None:
+        """Open each destination's transaction, run the copy, commit what completed."""
+        assert self.src is not None and self.format is not None
+        while True:
+            loading = []
+            for target in self._pending():
+                if self._begin(target):
+                    loading.append(target)
+            if not loading or self.cancelled:
+                for target in loading:
+                    self._fail(target, copyman.Cancelled("the task was killed"), "starting")
+                return
+            outcome = self._copy(loading)
+            if outcome == "restart":
+                # A destination's COPY could not start, so the engine aborted the others:
+                # their transactions are void; load them again without the culprit.
+                continue
+            break
+        self._commit([t for t in loading if t.pending])
+
+    def _begin(self, target: Target) -> bool:
+        """The destination's load transaction, up to the COPY: TRUNCATE, preoperator."""
+        conn = target.conn
+        assert conn is not None and target.table is not None
+        try:
+            conn.rollback()
+            if target.spec.truncate:
+                conn.execute(
+                    psycopg.sql.SQL("TRUNCATE TABLE {}").format(target.table.identifier)
+                )
+            for statement in target.spec.preoperator:
+                conn.execute(statement)  # type: ignore[call-overload]
+        except psycopg.Error as exc:
+            self._fail(target, exc, "running truncate/preoperator")
+            return False
+        target.started = time.monotonic()
+        return True
+
+    def _copy(self, loading: list[Target]) -> str:
+        assert self.src is not None and self.format is not None
+        try:
+            self.src.rollback()
+            producer = copyman.StatementProducer(
+                self.src, self.source.copy_out(self.format), self.parameters
+            )
+            receivers: dict[copyman.Receiver, Target] = {}
+            for target in loading:
+                assert target.conn is not None and target.table is not None
+                receiver: copyman.StatementReceiver = copyman.StatementReceiver(
+                    target.conn, _plan.copy_in(target.table, target.columns, self.format)
+                )
+                target.receiver = receiver
+                receivers[receiver] = target
+        except (copyman.CopyUsageError, psycopg.Error) as exc:
+            for target in loading:
+                self._fail(target, exc, "setting up the copy")
+            return "done"
+        self.producer = producer
+        manager = copyman.CopyManager(
+            producer, *receivers, receiver_timeout=self.receiver_timeout
+        )
+        self.log.info(
+            "Copying %s from %s into %d destination(s) in %s format: %s",
+            self.source.table or "the query's rows",
+            self.hook.describe(),
+            len(loading),
+            self.format,
+            ", ".join(t.label for t in loading),
+        )
+        started = time.monotonic()
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(manager)
+                except copyman.CopyFail as exc:
+                    return self._start_failed(exc, receivers)
+                self.manager = manager
+                if self.cancelled:
+                    manager.cancel()
+                self._pump(manager, receivers, started)
+        except copyman.CopyFail as exc:
+            self._copy_failed(exc, receivers)
+        finally:
+            self.manager = None
+        self.source_rows = producer.server_rows if producer.done else None
+        self.source_bytes = producer.bytes
+        completed = manager.completed
+        for fitting, target in receivers.items():
+            if target.pending and fitting not in completed:
+                self._fail(
+                    target,
+                    copyman.CopyFail(manager, "the copy did not complete"),
+                    "copying",
+                )
+        self._log_progress(receivers, started, final=True)
+        return "done"
+
+    def _pump(
+        self,
+        manager: copyman.CopyManager,
+        receivers: Mapping[copyman.Receiver, Target],
+        started: float,
+    ) -> None:
+        next_log = started + self.progress_interval
+        while True:
+            try:
+                for _ in manager:
+                    now = time.monotonic()
+                    if now >= next_log:
+                        next_log = now + self.progress_interval
+                        self._log_progress(receivers, started)
+                return
+            except copyman.ReceiverFault as fault:
+                for receiver, exc in fault.faults.items():
+                    target = receivers[receiver]
+                    self._fail(target, exc, "copying")
+                    self._rollback(target)
+                if not manager.receivers:
+                    return
+
+    def _start_failed(
+        self, exc: copyman.CopyFail, receivers: Mapping[copyman.Receiver, Target]
+    ) -> str:
+        if exc.producer_fault is not None:
+            if _classify.is_permanent(exc.producer_fault):
+                raise CopyManConfigError(
+                    self._redact(
+                        f"source {self.hook.describe()}: "
+                        f"{_classify.describe(exc.producer_fault)}"
+                    )
+                ) from exc.producer_fault
+            for target in receivers.values():
+                self._fail(target, exc.producer_fault, "starting the source's COPY")
+            return "done"
+        culprits = [r for r in exc.receiver_faults if r in receivers]
+        for receiver in culprits:
+            self._fail(receivers[receiver], exc.receiver_faults[receiver], "starting the COPY")
+        for target in receivers.values():
+            if not culprits:
+                self._fail(target, exc, "starting the copy")
+            self._rollback(target)
+        return "restart" if culprits else "done"
+
+    def _copy_failed(
+        self, exc: copyman.CopyFail, receivers: Mapping[copyman.Receiver, Target]
+    ) -> None:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, Exception):
+            # The copy was interrupted by something that is not a failure of the copy (the
+            # task's execution_timeout, KeyboardInterrupt...): roll back, then re-raise it.
+            self.interrupt = cause
+        for receiver, error in exc.receiver_faults.items():
+            target = receivers.get(receiver)
+            if target is not None and target.pending:
+                self._fail(target, error, "copying")
+        reason: BaseException = exc
+        if self.cancelled or isinstance(cause, copyman.Cancelled):
+            reason = copyman.Cancelled("the task was killed; the copy was cancelled")
+        elif exc.producer_fault is not None:
+            reason = exc.producer_fault
+        for target in receivers.values():
+            if target.pending:
+                self._fail(target, reason, "copying")
+        for target in receivers.values():
+            self._rollback(target)
+
+    def _commit(self, loading: list[Target]) -> None:
+        producer = self.producer
+        assert producer is not None
+        for target in loading:
+            conn, receiver = target.conn, target.receiver
+            assert conn is not None and receiver is not None and target.table is not None
+            if self.cancelled:
+                self._fail(target, copyman.Cancelled("the task was killed"), "committing")
+                self._rollback(target)
+                continue
+            rows, nbytes = receiver.server_rows, receiver.bytes
+            if rows is None or rows != producer.server_rows:
+                # The engine checked this already; checking again costs nothing, and a
+                # destination is committed only on the servers' own word.
+                self._fail(target, _count_error(target, rows, producer.server_rows), "checking")
+                self._rollback(target)
+                continue
+            try:
+                if self.ledger is not None and not self.ledger.record(
+                    conn, target.spec.conn_id, str(target.table), rows, nbytes
+                ):
+                    conn.rollback()
+                    entry = self.ledger.lookup(conn, target.spec.conn_id, str(target.table))
+                    self.log.warning(
+                        "%s: another try of this task loaded it meanwhile; rolled back this "
+                        "copy",
+                        target.label,
+                    )
+                    if entry is not None:
+                        self._already_loaded(target, entry)
+                        continue
+                    raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
+                conn.commit()
+            except psycopg.Error as exc:
+                self._fail(target, exc, "committing")
+                if isinstance(exc, psycopg.OperationalError):
+                    target.result.error = (target.result.error or "") + (
+                        " (the commit's outcome is unknown; the next try reads the ledger)"
+                        if self.ledger is not None
+                        else " (the commit's outcome is unknown)"
+                    )
+                self._rollback(target)
+                continue
+            result = target.result
+            result.status = "loaded"
+            result.rows, result.bytes = rows, nbytes
+            result.try_number = self.ledger.key.try_number if self.ledger else None
+            result.seconds = time.monotonic() - target.started
+            self.log.info("%s: committed %d rows", target.label, rows)
+            if self.on_commit is not None:
+                try:
+                    self.on_commit(result)
+                except Exception as exc:
+                    # The ledger (if any) holds the truth; the callback only mirrors it.
+                    self.log.warning(
+                        "%s: recording the load failed: %s",
+                        target.label,
+                        _classify.describe(exc, self.secrets),
+                    )
+
+    def _close(self) -> None:
+        for conn in [self.src, *(t.conn for t in self.targets)]:
+            if conn is None or conn.closed:
+                continue
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    # Cancel (from on_kill: a signal handler on the task's main thread).
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        manager = self.manager
+        if manager is not None:
+            manager.cancel()
+            return
+        # Outside the copy, a statement may be running (a preoperator, a TRUNCATE waiting
+        # for its lock): cancel whatever is in flight.
+        for conn in [self.src, *(t.conn for t in self.targets)]:
+            if conn is None or conn.closed:
+                continue
+            if conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                with contextlib.suppress(Exception):
+                    conn.cancel_safe(timeout=2.0)
+
+    # Bookkeeping.
+
+    def _pending(self) -> list[Target]:
+        return [t for t in self.targets if t.pending]
+
+    def _redact(self, text: str) -> str:
+        return _classify.redact(text, self.secrets)
+
+    def _config_error(self, target: Target, exc: BaseException, doing: str) -> CopyManConfigError:
+        return CopyManConfigError(
+            self._redact(f"{target.label}: {doing}: {_classify.describe(exc)}")
+        )
+
+    def _fail(self, target: Target, exc: BaseException, doing: str) -> None:
+        result = target.result
+        if result.status == "failed":
+            return
+        result.status = "failed"
+        result.error = f"{doing}: {_classify.describe(exc, self.secrets)}"
+        result.permanent = _classify.is_permanent(exc)
+        result.rows = result.bytes = None
+        self.log.warning(
+            "%s failed (%s): %s",
+            target.label,
+            "permanent" if result.permanent else "transient, a retry may load it",
+            result.error,
+        )
+
+    def _source_failed(self, exc: BaseException, doing: str) -> None:
+        for target in self._pending():
+            self._fail(target, exc, f"source {self.hook.conn_id}: {doing}")
+
+    def _already_loaded(self, target: Target, entry: Entry) -> None:
+        result = target.result
+        result.status = "already_loaded"
+        result.rows, result.bytes, result.try_number = entry.rows, entry.bytes, entry.try_number
+        self.log.info(
+            "%s: already loaded by try %d (%d rows): skipped",
+            target.label,
+            entry.try_number,
+            entry.rows,
+        )
+
+    def _rollback(self, target: Target) -> None:
+        conn = target.conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.rollback()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _report(self, seconds: float) -> TransferReport:
+        results = [t.result for t in self.targets]
+        rows = self.source_rows
+        nbytes = self.source_bytes
+        if rows is None:
+            done = [r for r in results if r.rows is not None]
+            rows = max((r.rows or 0 for r in done), default=0)
+            nbytes = max((r.bytes or 0 for r in done), default=0)
+        return TransferReport(rows, nbytes, self.format, seconds, results)
+
+    def _log_progress(
+        self,
+        receivers: Mapping[copyman.Receiver, Target],
+        started: float,
+        *,
+        final: bool = False,
+    ) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        producer = self.producer
+        if producer is not None:
+            self.log.info(
+                "%s source %s: %d rows, %s, %s/s",
+                "Done:" if final else "Progress:",
+                self.hook.conn_id,
+                producer.rows,
+                _size(producer.bytes),
+                _size(producer.bytes / elapsed),
+            )
+        for receiver, target in receivers.items():
+            state = "copying"
+            if final:
+                state = "copied" if receiver.completed else target.result.status
+            self.log.info(
+                "  %s: %d rows, %s, %s/s (%s)",
+                target.label,
+                receiver.rows,
+                _size(receiver.bytes),
+                _size(receiver.bytes / elapsed),
+                state,
+            )
+
+    def _log_summary(self, report: TransferReport) -> None:
+        self.log.info(
+            "CopyMan transfer finished in %.1f s: %d rows, %s from %s (%s format)",
+            report.seconds,
+            report.rows,
+            _size(report.bytes),
+            self.hook.conn_id,
+            report.format or "n/a",
+        )
+        for result in report.destinations:
+            rate = ""
+            if result.seconds and result.bytes:
+                rate = f", {_size(result.bytes / result.seconds)}/s"
+            self.log.info(
+                "  %s: %s, %s rows, %s%s%s",
+                result.label,
+                result.status,
+                "-" if result.rows is None else result.rows,
+                "-" if result.bytes is None else _size(result.bytes),
+                rate,
+                f" ({result.error})" if result.error else "",
+            )
+
+
+def _count_error(target: Target, rows: int | None, source_rows: int | None) -> BaseException:
+    if rows is not None:
+        return copyman.RowCountMismatch(
+            f"{target.label}: the destination's COPY reports {rows} rows, the source's "
+            f"{source_rows}"
+        )
+    # No COPY result at all: say what the server last said, if anything.
+    conn = target.conn
+    said = ""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            said = conn.pgconn.error_message.decode(errors="replace").strip()
+    text = f"{target.label}: the destination's COPY ended without a row count"
+    if said:
+        text += f"; the server said: {' '.join(said.split())}"
+    if conn is None or conn.closed or conn.broken:
+        return psycopg.OperationalError(text)
+    return copyman.RowCountMismatch(text)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"  # pragma: no cover
+
