@@ -222,23 +222,19 @@ class StatementProducer(_StatementFitting, Producer):
         try:
             while size < max_bytes:
                 nbytes, data = get(1)
-                if nbytes > 0:
-                    append(data)
-                    size += nbytes
-                    continue
                 if nbytes == 0:
                     # Nothing complete in libpq's buffer: read what the socket has, and only
                     # if that is nothing too does the manager wait (select) on this socket.
                     pg.consume_input()
                     nbytes, data = get(1)
-                    if nbytes > 0:
-                        append(data)
-                        size += nbytes
-                        continue
                     if nbytes == 0:
                         break
-                self._end_of_copy()
-                break
+                if nbytes > 0:
+                    append(data)
+                    size += nbytes
+                else:
+                    self._end_of_copy()
+                    break
         except Exception as exc:
             if not records:
                 raise
