@@ -89,7 +89,7 @@ def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -
             if table is None or where is None:
                 continue
             result = results.get(f"{conn_id}:{table_text.strip()}")
-            facets = {}
+            facets: dict[str, Any] = {}
             if result is not None and result.status in ("loaded", "already_loaded"):
                 facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
                     rowCount=result.rows, size=result.bytes

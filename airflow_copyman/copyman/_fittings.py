@@ -29,8 +29,8 @@ class Wait(enum.Enum):
     WRITE = 2  # its socket must become writable
 
 
-class _OneShot:
-    """A fitting takes part in one copy only."""
+class Fitting:
+    """What producers and receivers share. A fitting takes part in one copy only."""
 
     _started = False
 
@@ -39,8 +39,22 @@ class _OneShot:
             raise CopyUsageError(f"{self!r} was already used in a copy; make a new one")
         self._started = True
 
+    def fileno(self) -> int | None:
+        """The socket to wait on when the fitting cannot move on; None if it never blocks."""
+        return None
 
-class Producer(_OneShot, ABC):
+    def connection_key(self) -> object | None:
+        """The connection this fitting drives, so that two fittings never share one."""
+        return None
+
+    def abort(self, reason: BaseException | None) -> None:
+        """Stop early so that nothing of the copy is kept. May block briefly."""
+
+    def close(self) -> None:
+        """Release what ``start`` took (after completion or abort)."""
+
+
+class Producer(Fitting, ABC):
     """The source of COPY records."""
 
     def __init__(self) -> None:
@@ -48,14 +62,6 @@ class Producer(_OneShot, ABC):
         self.bytes = 0  # record payload bytes produced so far
         self.done = False  # the producer reached its real end (and verified it)
         self._counter = RowCounter()
-
-    def fileno(self) -> int | None:
-        """The socket to wait on when ``read`` returns None; None if it never blocks."""
-        return None
-
-    def connection_key(self) -> object | None:
-        """The connection this fitting drives, so that two fittings never share one."""
-        return None
 
     def start(self) -> None:
         """Begin producing (for a statement: start its COPY). May block."""
@@ -75,14 +81,8 @@ class Producer(_OneShot, ABC):
     @abstractmethod
     def _read_records(self, max_bytes: int) -> list[Buffer]: ...
 
-    def abort(self, reason: BaseException | None) -> None:
-        """Stop early, without draining what is left of the data. May block briefly."""
 
-    def close(self) -> None:
-        """Release what ``start`` took (after completion or abort)."""
-
-
-class Receiver(_OneShot, ABC):
+class Receiver(Fitting, ABC):
     """A consumer of COPY records: keeps a bounded queue and delivers it step by step."""
 
     #: Whether a receiver dropped by a fault may rejoin the copy through ``reconcile``.
@@ -96,12 +96,6 @@ class Receiver(_OneShot, ABC):
         self._queue: deque[Batch] = deque()
         self._queued_bytes = 0
         self._expected_rows: int | None = None  # set when the producer reached its end
-
-    def fileno(self) -> int | None:
-        return None
-
-    def connection_key(self) -> object | None:
-        return None
 
     def start(self) -> None:
         """Begin receiving (for a statement: start its COPY). May block."""
@@ -140,12 +134,6 @@ class Receiver(_OneShot, ABC):
             raise RowCountMismatch(
                 f"{self!r} received {got} rows, but the source produced {expected}"
             )
-
-    def abort(self, reason: BaseException | None) -> None:
-        """Abandon the copy so that nothing of it is kept. May block briefly."""
-
-    def close(self) -> None:
-        """Release what ``start`` took (after completion or abort)."""
 
 
 class IteratorProducer(Producer):
