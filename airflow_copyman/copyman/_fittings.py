@@ -61,6 +61,8 @@ class Producer(Fitting, ABC):
         self.rows = 0  # rows produced so far (binary header and trailer excluded)
         self.bytes = 0  # record payload bytes produced so far
         self.done = False  # the producer reached its real end (and verified it)
+        #: Whether batches must keep their list of records (set when a receiver needs them).
+        self.keep_records = True
         self._counter = RowCounter()
 
     def start(self) -> None:
@@ -70,16 +72,21 @@ class Producer(Fitting, ABC):
     def read(self, max_bytes: int) -> Batch | None:
         """The next batch of about ``max_bytes``, or None if none is ready yet or at the end
         (then ``done`` is set). Must not block."""
+        batch = self._read_batch(max_bytes)
+        if batch is not None:
+            self.rows += batch.rows
+            self.bytes += batch.nbytes
+        return batch
+
+    def _read_batch(self, max_bytes: int) -> Batch | None:
         records = self._read_records(max_bytes)
         if not records:
             return None
-        batch = Batch(records, self._counter.count(records))
-        self.rows += batch.rows
-        self.bytes += batch.nbytes
-        return batch
+        return Batch.of_records(records, self._counter.count(records))
 
-    @abstractmethod
-    def _read_records(self, max_bytes: int) -> list[Buffer]: ...
+    def _read_records(self, max_bytes: int) -> list[Buffer]:
+        """The next records (empty at the end); override this or ``_read_batch``."""
+        raise NotImplementedError
 
 
 class Receiver(Fitting, ABC):
@@ -87,6 +94,8 @@ class Receiver(Fitting, ABC):
 
     #: Whether a receiver dropped by a fault may rejoin the copy through ``reconcile``.
     reconcilable = True
+    #: Whether it needs each batch's list of records (or only the joined stream).
+    needs_records = True
 
     def __init__(self) -> None:
         self.rows = 0  # rows delivered

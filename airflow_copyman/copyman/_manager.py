@@ -68,6 +68,7 @@ class CopyManager:
         if receiver_timeout <= 0 or batch_bytes <= 0 or queue_bytes <= 0:
             raise CopyUsageError("receiver_timeout, batch_bytes and queue_bytes must be positive")
         self.producer = producer
+        producer.keep_records = any(r.needs_records for r in receivers)
         self.receivers: set[Receiver] = set(receivers)
         self.receiver_timeout = receiver_timeout
         self.batch_bytes = batch_bytes

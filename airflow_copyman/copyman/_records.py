@@ -15,21 +15,33 @@ BINARY_TRAILER = b"\xff\xff"
 
 
 class Batch:
-    """The records one cycle moves: read once, shared by every receiver."""
+    """The records one cycle moves: read once, shared by every receiver.
+
+    ``data`` is the records joined (a COPY stream accepts any split of it), which is what
+    statement receivers send; ``records`` is the list of records, kept only when a receiver
+    asked for it (see ``Producer.keep_records``).
+    """
 
     __slots__ = ("_as_bytes", "data", "nbytes", "records", "rows")
 
-    def __init__(self, records: Sequence[Buffer], rows: int) -> None:
-        self.records = records
+    def __init__(
+        self, data: Buffer, rows: int, records: Sequence[Buffer] | None = None
+    ) -> None:
+        self.data = data
+        self.nbytes = len(memoryview(data))
         self.rows = rows
-        # One buffer for receivers that send a stream (COPY accepts any split of it).
-        self.data = b"".join(records)
-        self.nbytes = len(self.data)
+        self.records = records
         self._as_bytes: list[bytes] | None = None
+
+    @classmethod
+    def of_records(cls, records: Sequence[Buffer], rows: int) -> Batch:
+        return cls(b"".join(records), rows, records)
 
     def record_list(self) -> list[bytes]:
         """The records as ``bytes`` (what call receivers are given), made on first use."""
         if self._as_bytes is None:
+            if self.records is None:
+                raise RuntimeError("this batch kept no records (Producer.keep_records)")
             self._as_bytes = [bytes(r) for r in self.records]
         return self._as_bytes
 
@@ -47,11 +59,13 @@ class RowCounter:
         self.binary: bool | None = None
 
     def count(self, records: Sequence[Buffer]) -> int:
-        rows = len(records)
-        if not rows:
-            return 0
+        return self.count_parts(len(records), records[0], records[-1]) if records else 0
+
+    def count_parts(self, n: int, first: Buffer, last: Buffer) -> int:
+        """Rows among ``n`` records of a batch, given its first and last record."""
+        rows = n
         if self.binary is None:
-            head = memoryview(records[0])
+            head = memoryview(first)
             self.binary = head[: len(BINARY_SIGNATURE)] == BINARY_SIGNATURE
             if self.binary and (
                 len(head) == BINARY_HEADER_SIZE
@@ -61,6 +75,6 @@ class RowCounter:
                 )
             ):
                 rows -= 1
-        if self.binary and rows and records[-1] == BINARY_TRAILER:
+        if self.binary and rows and last == BINARY_TRAILER:
             rows -= 1
         return rows
