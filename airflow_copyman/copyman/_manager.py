@@ -80,6 +80,7 @@ class CopyManager:
         self._cycles_since_fault: dict[Receiver, int] = {}
         self._cycle = 0
         self._cancel = threading.Event()
+        self._entering = False  # inside __enter__, where COPYs start (and may block)
         self._waits: dict[Receiver, Wait] = {}
 
     # Introspection.
@@ -100,6 +101,7 @@ class CopyManager:
             raise CopyUsageError("a CopyManager runs one copy; make a new one")
         self._state = "running"
         started: list[Producer | Receiver] = []
+        self._entering = True
         try:
             # Receivers first: a source COPY started before a receiver fails would have to
             # be cancelled again.
@@ -120,6 +122,8 @@ class CopyManager:
                 receiver_faults={culprit: exc} if isinstance(culprit, Receiver) else None,
                 producer_fault=exc if culprit is self.producer else None,
             ) from exc
+        finally:
+            self._entering = False
         return self
 
     def __exit__(
@@ -296,13 +300,22 @@ class CopyManager:
     def cancel(self) -> None:
         """Stop the copy from another thread or a signal handler (Airflow's ``on_kill``).
 
-        Asks every server to cancel its COPY at once; the running ``__next__`` raises
-        ``Cancelled`` within ``MAX_WAIT`` seconds and ``__exit__`` aborts everything.
+        The running ``__next__`` raises ``Cancelled`` within ``MAX_WAIT`` seconds and
+        ``__exit__`` aborts every COPY. Servers are sent cancel requests only while the
+        copy is starting (a COPY may wait there for a lock): once the loop runs it never
+        blocks, and a cancel request that arrived after the abort would cancel whatever
+        the connection runs next (the caller's rollback or its next query).
         """
         self._cancel.set()
+        if not self._entering:
+            return
         for fitting in [self.producer, *self._all]:
             conn = getattr(fitting, "connection", None)
-            if isinstance(conn, psycopg.Connection) and not conn.closed:
+            if (
+                isinstance(conn, psycopg.Connection)
+                and not conn.closed
+                and conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+            ):
                 _quietly(conn.cancel_safe, timeout=2.0)
 
     def run(self) -> None:
