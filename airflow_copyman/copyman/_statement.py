@@ -266,7 +266,7 @@ class StatementProducer(_StatementFitting, Producer):
         self.server_rows = results[-1].command_tuples
         self.done = True
 
-    def read(self, max_bytes: int) -> Any:
+    def read(self, max_bytes: int) -> Batch | None:
         batch = super().read(max_bytes)
         if self.done and self.server_rows is not None and self.server_rows != self.rows:
             raise RowCountMismatch(
@@ -296,8 +296,6 @@ class StatementProducer(_StatementFitting, Producer):
         except Exception:
             self._close_connection()
             raise
-        finally:
-            self.done = False
 
     def close(self) -> None:
         self._close_copy()
