@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -68,14 +68,6 @@ class ServerAddress:
             f"{scheme}://{quote(self.user)}:{quote(self.password, safe='')}"
             f"@{self.host}:{self.port}/{quote(dbname)}"
         )
-
-
-class Server(Protocol):
-    address: ServerAddress
-
-    def start(self) -> None: ...
-    def stop(self, mode: str = "fast") -> None: ...
-    def destroy(self) -> None: ...
 
 
 def connect(address: ServerAddress, dbname: str = DATABASE, **kwargs: Any) -> psycopg.Connection:
