@@ -38,6 +38,12 @@ PERMANENT_CLASSES = frozenset(
     }
 )
 
+#: SQLSTATEs of otherwise retryable classes that no retry can fix.
+PERMANENT_STATES = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: the source query tried to write (setval...)
+    }
+)
 
 _REFUSED_FOR_GOOD = re.compile(
     r"password authentication failed|authentication failed for user|"
@@ -56,7 +62,7 @@ def is_permanent(exc: BaseException) -> bool:
     """Whether ``exc`` will happen again on a retry (True) or may go away (False)."""
     state = sqlstate(exc)
     if state is not None:
-        return state[:2] in PERMANENT_CLASSES
+        return state[:2] in PERMANENT_CLASSES or state in PERMANENT_STATES
     if isinstance(exc, copyman.RowCountMismatch):
         # The destination kept a different number of rows than it was sent (a trigger or
         # rule dropping rows): the next try would do the same.

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from airflow_copyman import _classify, _plan, copyman
+from airflow_copyman import _classify, _identity, _plan, _readonly, copyman
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -79,6 +79,7 @@ class Transfer:
         self.targets: list[Target] = []
         self.src: psycopg.Connection[Any] | None = None
         self.format: _plan.Format | None = None
+        self.source_columns: list[_plan.Column] = []
         self.producer: copyman.StatementProducer | None = None
         self.manager: copyman.CopyManager | None = None
         self.cancelled = False
@@ -151,6 +152,7 @@ class Transfer:
         source_error: psycopg.Error | None = None
         try:
             self.src = self.hook.get_conn()
+            _readonly.begin(self.src)
         except psycopg.Error as exc:
             if _classify.is_permanent(exc):
                 errors.append(f"source {self.hook.describe()}: {_classify.describe(exc)}")
@@ -191,8 +193,16 @@ class Transfer:
         assert self.src is not None
         src = self.src
         try:
+            # Everything below runs in the source's one read-only transaction (its snapshot
+            # is the copy's too): no rollback until the copy is over.
             source_columns = self.source.describe(src, self.parameters)
-            src.rollback()
+            select = self.source.select(source_columns)
+            if self.parameters and self.source.query is not None:
+                select = psycopg.sql.SQL(  # type: ignore[assignment]
+                    psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
+                )
+            _readonly.refuse_writes(src, select)
+            source_tables = _identity.source(src, f"source {self.hook.conn_id}")
         except _plan.PlanError as exc:
             raise CopyManConfigError(
                 self._redact(f"source {self.hook.describe()}: {exc}")
@@ -204,9 +214,11 @@ class Transfer:
                 ) from exc
             self._source_failed(exc, "describing the source")
             return
-        errors = []
+        self.source_columns = source_columns
+        errors = self._same_tables(source_tables)
         binary_ok = True
         difference = None
+        binary_refusals = []
         for i, target in enumerate(self.targets):
             if not target.pending:
                 continue
@@ -238,22 +250,49 @@ class Transfer:
                 continue
             if not _plan.binary_safe(source_columns, columns):
                 binary_ok = False
-                difference = difference or _plan.first_type_difference(source_columns, columns)
+                here = _plan.first_type_difference(source_columns, columns)
+                difference = difference or here
+                binary_refusals.append(f"{where}: column {here}")
+        if self.requested_format == "binary" and binary_refusals:
+            # Binary COPY carries each type's own binary form: another type reads it as
+            # something else (int8 1 as numeric 0.0) or not at all, and no server checks.
+            errors.append(
+                "format='binary' needs the same types on both sides: "
+                + "; ".join(binary_refusals)
+                + " (leave format unset to copy such columns in text)"
+            )
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
         if self.requested_format is not None:
             self.format = self.requested_format
-            if self.format == "binary" and not binary_ok:
-                self.log.warning(
-                    "format='binary' was asked although the column types differ (%s): the "
-                    "COPY fails if the destination cannot read the source's binary values",
-                    difference,
-                )
         elif binary_ok:
             self.format = "binary"
         else:
             self.format = "text"
             self.log.info("Column types differ (%s): copying in text format", difference)
+
+    def _same_tables(self, source_tables: _identity.Tables) -> list[str]:
+        """Refuse destinations that are one table, or a table the source reads, whatever
+        their spelling (identified by their servers, before anything is written)."""
+        errors = []
+        found = []
+        for i, target in enumerate(self.targets):
+            conn = target.conn
+            if conn is None or conn.closed or target.table is None:
+                continue
+            label = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
+            try:
+                tables = _identity.destination(conn, target.table.regclass_text, label)
+                conn.rollback()
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(f"{label}: {_classify.describe(exc)}")
+                else:
+                    self._fail(target, exc, "identifying the table")
+                continue
+            if tables is not None:
+                found.append(tables)
+        return errors + _identity.conflicts(source_tables, found)
 
     def _prepare_ledger(self) -> None:
         assert self.ledger is not None
@@ -315,9 +354,8 @@ class Transfer:
     def _copy(self, loading: list[Target]) -> str:
         assert self.src is not None and self.format is not None
         try:
-            self.src.rollback()
             producer = copyman.StatementProducer(
-                self.src, self.source.copy_out(self.format), self.parameters
+                self.src, self.source.copy_out(self.format, self.source_columns), self.parameters
             )
             receivers: dict[copyman.Receiver, Target] = {}
             for target in loading:

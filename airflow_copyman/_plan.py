@@ -28,6 +28,15 @@ Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
 # composites, so only those (and enums, sent as their labels) are safe in binary between
 # databases. Anything else falls back to text, which every type supports.
 FIRST_NORMAL_OID = 16384
+# OID-alias types are built in, but their binary form is the bare OID of the object they
+# name, which means something else (or nothing) in another database; their text form is the
+# name, which the destination resolves (or rejects) by name.
+OID_ALIAS_TYPES = frozenset(
+    {
+        "regclass", "regtype", "regproc", "regprocedure", "regoper", "regoperator",
+        "regnamespace", "regrole", "regconfig", "regdictionary", "regcollation",
+    }
+)
 
 _IDENT = r'(?:[A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*|"(?:[^"]|"")+")'
 _TABLE_NAME = re.compile(rf"\A\s*({_IDENT})(?:\s*\.\s*({_IDENT}))?\s*;?\s*\Z")
@@ -144,9 +153,13 @@ class Column:
     type_name: str  # format_type() of the type, without modifier
     type_kind: str  # pg_type.typtype: b(ase), e(num), c(omposite), r(ange), d(omain)...
 
+    @property
+    def is_oid_alias(self) -> bool:
+        return self.type_name.removesuffix("[]") in OID_ALIAS_TYPES
+
     def binary_safe_with(self, other: Column) -> bool:
         """Whether binary COPY from this column into ``other`` is byte-for-byte safe."""
-        if self.type_name != other.type_name:
+        if self.type_name != other.type_name or self.is_oid_alias:
             return False
         if self.type_kind == "e" and other.type_kind == "e":
             return True
@@ -175,12 +188,22 @@ class Source:
             return cls(text, table, None)
         return cls(text, None, strip_query(text))
 
-    def copy_out(self, fmt: Format) -> sql.Composed:
-        options = sql.SQL("(FORMAT {})").format(sql.SQL(fmt))
+    def select(self, columns: Sequence[Column]) -> sql.Composable:
+        """The query whose rows are copied. A table is read with ``SELECT`` (of the columns
+        :meth:`describe` found), never ``COPY table TO``, which skips inheritance children
+        and refuses partitioned tables: a table name means every row ``SELECT * FROM`` it
+        returns (``SELECT * FROM ONLY t`` is the query for the parent's own rows)."""
         if self.table is not None:
-            return sql.SQL("COPY {} TO STDOUT {}").format(self.table.identifier, options)
+            return sql.SQL("SELECT {} FROM {}").format(
+                sql.SQL(", ").join(sql.Identifier(c.name) for c in columns),
+                self.table.identifier,
+            )
+        return sql.SQL(self.query)  # type: ignore[arg-type]
+
+    def copy_out(self, fmt: Format, columns: Sequence[Column]) -> sql.Composed:
+        options = sql.SQL("(FORMAT {})").format(sql.SQL(fmt))
         # The newline before ")" keeps a trailing "-- comment" in the query harmless.
-        return sql.SQL("COPY (\n{}\n) TO STDOUT {}").format(sql.SQL(self.query), options)  # type: ignore[arg-type]
+        return sql.SQL("COPY (\n{}\n) TO STDOUT {}").format(self.select(columns), options)
 
     def describe(self, conn: psycopg.Connection[Any], params: Params | None) -> list[Column]:
         """The columns the source's COPY will produce, in order."""
@@ -325,6 +348,8 @@ def binary_safe(source: Sequence[Column], dest: Sequence[Column]) -> bool:
 
 def first_type_difference(source: Sequence[Column], dest: Sequence[Column]) -> str | None:
     for s, d in zip(source, dest, strict=False):
+        if s.is_oid_alias and s.type_name == d.type_name:
+            return f"{s.name} {s.type_name}: an OID-alias type, a bare OID in binary"
         if not s.binary_safe_with(d):
             return f"{s.name} {s.type_name} -> {d.name} {d.type_name}"
     return None

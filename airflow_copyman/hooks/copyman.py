@@ -22,7 +22,7 @@ from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from psycopg.rows import tuple_row
 
-from airflow_copyman import _plan, copyman
+from airflow_copyman import _plan, _session, copyman
 from airflow_copyman._destinations import (
     DESTINATION_KEYS,
     CopyManConfigError,
@@ -131,7 +131,8 @@ class CopyManHook(PostgresHook):
             return self.conn_id
 
     def get_conn(self) -> psycopg.Connection[Any]:
-        """A new psycopg 3 connection, outside autocommit, with plain tuple rows."""
+        """A new psycopg 3 connection, outside autocommit, with plain tuple rows, in UTF8
+        and with the session settings of :mod:`airflow_copyman._session` in force."""
         self.check_connection()
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
@@ -142,12 +143,17 @@ class CopyManHook(PostgresHook):
         # The connection's "cursor" extra may ask for dict rows: our queries want tuples.
         conn.row_factory = tuple_row  # type: ignore[assignment]
         conn.autocommit = False
+        try:
+            _session.check(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        return super()._create_connection(conn_args)
+        return super()._create_connection(_session.connect_args(conn_args))
 
     # The transfer.
 

@@ -37,12 +37,14 @@ def test_table_names(text: str, expected: TableName | None) -> None:
 def test_source_statements() -> None:
     table = Source.parse("public.orders")
     assert table.table == TableName("public", "orders")
-    assert table.copy_out("binary").as_string() == (
-        'COPY "public"."orders" TO STDOUT (FORMAT binary)'
+    # A table is read with SELECT (children and partitions included), of the described columns.
+    columns = [Column("id", 20, "bigint", "b"), Column("Day", 1082, "date", "b")]
+    assert table.copy_out("binary", columns).as_string() == (
+        'COPY (\nSELECT "id", "Day" FROM "public"."orders"\n) TO STDOUT (FORMAT binary)'
     )
     query = Source.parse("SELECT 1 AS a -- trailing comment\n;;  ")
     assert query.query == "SELECT 1 AS a -- trailing comment"
-    assert query.copy_out("csv").as_string() == (
+    assert query.copy_out("csv", columns).as_string() == (
         "COPY (\nSELECT 1 AS a -- trailing comment\n) TO STDOUT (FORMAT csv)"
     )
     statement = _plan.copy_in(TableName("a", "T"), ["id", "x y"], "text")
