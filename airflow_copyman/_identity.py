@@ -107,7 +107,7 @@ def conflicts(source_tables: Tables | None, destinations: Sequence[Tables]) -> l
             )
         for other in destinations[:i]:
             if dest.overlaps(other):
-                same = "the same table as" if dest.table == other.table else "overlaps"
+                same = "the same table as" if dest.table == other.table else "a table under"
                 problems.append(
                     f"{dest.label} is {same} {other.label} ({_where(dest)}): each table is "
                     "written once per load; list it once"

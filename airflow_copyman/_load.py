@@ -470,6 +470,10 @@ class Transfer:
         reason: BaseException = exc
         if self.cancelled or isinstance(cause, copyman.Cancelled):
             reason = copyman.Cancelled("the task was killed; the copy was cancelled")
+        elif isinstance(cause, copyman.ProducerFault) and isinstance(cause.__cause__, Exception):
+            # The server's own error (its SQLSTATE says whether a retry helps), not one the
+            # engine met afterwards while aborting the source's COPY.
+            reason = cause.__cause__
         elif exc.producer_fault is not None:
             reason = exc.producer_fault
         for target in receivers.values():
