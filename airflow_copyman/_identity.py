@@ -4,10 +4,10 @@
 bytes, or the same table behind two connection ids: spellings differ, the table is one. A
 table is identified by its server (``pg_control_system().system_identifier`` with
 ``pg_postmaster_start_time()``: a server cloned from a base backup keeps the identifier and
-every OID, but runs its own postmaster), its database's OID and its own OID. Two destinations that are one table would load every row
-twice; a destination that is a table the source reads would double the source (and with
-``truncate`` wait forever for the source's lock). Both are refused before anything is
-written.
+every OID, but runs its own postmaster), its database's OID and its own OID. Two
+destinations that are one table would load every row twice; a destination that is a table
+the source reads would double the source (and with ``truncate`` wait forever for the
+source's lock). Both are refused before anything is written.
 
 A destination *covers* its table and the tables under it (partitions, inheritance
 children): rows written to a partitioned table land in its partitions, and a TRUNCATE

@@ -189,7 +189,7 @@ def odd_sessions(pg: PgServers) -> tuple[Database, Database]:
     src.execute(SETTINGS_DDL.format(name="vals"))
     src.execute(
         "INSERT INTO vals VALUES (1, '2000-02-01', '2000-02-01 01:02:03.456789', "
-        "'-1 day -02:03:04', 0.1 + 0.2, 1.1, '1234.56', 'a<b/>c'), "
+        "'-1 day -02:03:04', 0.1::float8 + 0.2::float8, 1.1, '1234.56', 'a<b/>c'), "
         "(2, '1999-12-31', '0044-03-15 12:00 BC', '1 mon -1 day 00:00:01', 1e-310, 3.4e38, "
         "'-0.01', '<r/>')"
     )
