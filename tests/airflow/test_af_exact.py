@@ -432,9 +432,10 @@ def families(pg: PgServers) -> tuple[Database, Database]:
         "CREATE TABLE part_hi PARTITION OF part FOR VALUES FROM (10) TO (20); "
         "INSERT INTO part VALUES (1, 'lo'), (15, 'hi'); "
         "CREATE TABLE gen (id int, twice int GENERATED ALWAYS AS (id * 2) STORED, note text); "
-        "INSERT INTO gen (id, note) VALUES (1, 'g')"
+        "INSERT INTO gen (id, note) VALUES (1, 'g'); "
+        "CREATE VIEW par_view AS SELECT id, note FROM par WHERE id > 1"
     )
-    for name in ("par_all", "par_only", "part_all"):
+    for name in ("par_all", "par_only", "part_all", "from_view"):
         dst.execute(f"CREATE TABLE {name} (id int, note text)")
     dst.execute("CREATE TABLE gen (id int, twice int GENERATED ALWAYS AS (id * 2) STORED, "
                 "note text)")
@@ -448,6 +449,7 @@ def families(pg: PgServers) -> tuple[Database, Database]:
         ("SELECT * FROM ONLY par", "par_only", [(1, "parent")]),
         ("public.part", "part_all", [(1, "lo"), (15, "hi")]),
         ("gen", "gen", [(1, 2, "g")]),
+        ("par_view", "from_view", [(2, "child")]),
     ],
 )
 def test_a_table_name_means_every_row_select_returns(
