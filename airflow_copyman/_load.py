@@ -282,8 +282,8 @@ class Transfer:
                 continue
             label = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
             try:
+                # Left in the transaction planning goes on with (it rolls back after).
                 tables = _identity.destination(conn, target.table.regclass_text, label)
-                conn.rollback()
             except psycopg.Error as exc:
                 if _classify.is_permanent(exc):
                     errors.append(f"{label}: {_classify.describe(exc)}")

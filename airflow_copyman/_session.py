@@ -78,7 +78,7 @@ def check(conn: psycopg.Connection[Any]) -> None:
     queried = [name for name in PINNED if name not in _REPORTED]
     was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     row = conn.execute(
-        "SELECT " + ", ".join("current_setting(%s)" for _ in queried), queried
+        "SELECT " + ", ".join(f"current_setting('{name}')" for name in queried)  # type: ignore[arg-type]
     ).fetchone()
     if was_idle and not conn.autocommit:
         conn.rollback()

@@ -142,9 +142,10 @@ class CopyManHook(PostgresHook):
             )
         # The connection's "cursor" extra may ask for dict rows: our queries want tuples.
         conn.row_factory = tuple_row  # type: ignore[assignment]
-        conn.autocommit = False
         try:
+            conn.autocommit = True  # the check is one query, without BEGIN and ROLLBACK
             _session.check(conn)
+            conn.autocommit = False
         except BaseException:
             conn.close()
             raise
