@@ -14,7 +14,7 @@ import pytest
 from af_support import Database, PgServers
 from exact_support import checker, create_types, differences, dumps, type_columns, type_names
 
-from airflow_copyman import _session
+from airflow_copyman import _plan, _session
 from airflow_copyman._ledger import Ledger, TaskKey
 from airflow_copyman.hooks.copyman import (
     CopyManConfigError,
@@ -50,6 +50,23 @@ def values(db: Database, query: str) -> list[tuple[Any, ...]]:
 
 def transfer(source: str, sql: str, *destinations: Destination, **kwargs: Any) -> TransferReport:
     return CopyManHook(source).transfer(sql, list(destinations), **kwargs)
+
+
+def test_pinned_options_come_after_the_connections_own() -> None:
+    options = _session.startup_options("-c DateStyle=German -c search_path=app")
+    assert options.startswith("-c DateStyle=German -c search_path=app -c client_encoding=UTF8")
+    assert options.endswith("-c xmloption=content")
+    args = _session.connect_args({"client_encoding": "LATIN1", "host": "h"})
+    assert args["client_encoding"] == "UTF8" and args["host"] == "h"
+
+
+def test_oid_alias_types_are_never_binary_safe() -> None:
+    for name in _plan.OID_ALIAS_TYPES:
+        for type_name in (name, f"{name}[]"):
+            column = _plan.Column("c", 2205, type_name, "b")
+            assert not _plan.binary_safe([column], [column]), type_name
+    integer = _plan.Column("c", 23, "integer", "b")
+    assert _plan.binary_safe([integer], [integer])
 
 
 # Characters, not bytes.
