@@ -586,7 +586,9 @@ def test_the_checks_and_the_copy_read_one_snapshot(
 def tables(pg: PgServers) -> tuple[Database, Database]:
     src, dst = database(pg, pg.src, "once_src"), database(pg, pg.dst2, "once_dst")
     src.execute("CREATE TABLE events (id int, note text); "
-                "INSERT INTO events VALUES (1, 'a'), (2, 'b')")
+                "INSERT INTO events VALUES (1, 'a'), (2, 'b'); "
+                "CREATE TABLE events_copy (id int, note text); "
+                "CREATE VIEW recent AS SELECT * FROM events WHERE id > 1")
     src.execute("CREATE TABLE parted (id int, note text) PARTITION BY RANGE (id); "
                 "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)")
     long = "l" * 63
@@ -619,9 +621,11 @@ LONG = "l" * 63
          "destination #2 (pg_once_src, table public.events) is a table the source reads"),
         ([("pg_once_src2", "parted_1")],
          "destination #1 (pg_once_src2, table parted_1) is a table the source reads"),
+        ([("pg_once_src2", "events")],
+         "destination #1 (pg_once_src2, table events) is a table the source reads"),
     ],
     ids=["schema", "quoted-and-two-conn-ids", "truncated-names", "partition", "source",
-         "source-partition"],
+         "source-partition", "source-under-a-view"],
 )
 def test_a_table_is_written_once_however_spelled(
     tables: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch,
@@ -634,7 +638,9 @@ def test_a_table_is_written_once_however_spelled(
         spec = json.loads(db.connection_json())
         spec["host"] = "localhost"
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id}", json.dumps(spec))
-    sql = "parted" if destinations == [("pg_once_src2", "parted_1")] else "events"
+    sql = {"parted_1": "parted", "events": "SELECT * FROM recent"}.get(
+        destinations[0][1] if len(destinations) == 1 else "", "events"
+    )
     outcome: list[BaseException | TransferReport] = []
 
     def run() -> None:
@@ -658,3 +664,14 @@ def test_a_table_is_written_once_however_spelled(
         assert db.scalar("SELECT to_regclass('copyman_ledger')") is None
     assert src.execute("SELECT * FROM events ORDER BY id") == [(1, "a"), (2, "b")]
     assert dst.scalar("SELECT count(*) FROM events") == 0
+
+
+def test_another_table_of_the_source_database_loads(
+    tables: tuple[Database, Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, _ = tables
+    point(monkeypatch, pg_once_src=src)
+    report = transfer("pg_once_src", "events", Destination("pg_once_src", "events_copy",
+                                                           truncate=True))
+    assert [(d.status, d.rows) for d in report.destinations] == [("loaded", 2)]
+    assert src.execute("SELECT * FROM events_copy ORDER BY id") == [(1, "a"), (2, "b")]
