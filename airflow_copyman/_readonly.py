@@ -11,6 +11,7 @@ plan: ``EXPLAIN`` without ``ANALYZE`` plans the query and executes nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -42,9 +43,7 @@ def refuse_writes(conn: psycopg.Connection[Any], query: sql.Composable | str) ->
     row = conn.execute(explain).fetchone()
     assert row is not None
     document = row[0]
-    if isinstance(document, str | bytes):  # a JSON loader not registered: parse it here
-        import json
-
+    if isinstance(document, str | bytes):  # no JSON loader registered: parse it here
         document = json.loads(document)
     for node in _nodes(document[0]["Plan"]):
         kind = str(node.get("Node Type"))
