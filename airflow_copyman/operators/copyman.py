@@ -60,15 +60,18 @@ class CopyManOperator(BaseOperator):
     type mismatch, bad data, a permission denied, bad SQL) fail the task without retrying.
 
     :param source_conn_id: the source's ``postgres`` connection id. (templated)
-    :param sql: a query, a table name (``schema.table``), or a ``.sql`` file holding
-        either; not a COPY statement: the operator builds the COPY itself. (templated)
+    :param sql: a query that only reads, a table name (``schema.table``: every row
+        ``SELECT * FROM`` it returns, children and partitions included), or a ``.sql`` file
+        holding either; not a COPY statement: the operator builds the COPY itself. A query
+        that modifies data or locks rows is refused. (templated)
     :param destinations: a list of mappings, one per destination: ``conn_id``, ``table``
         and optionally ``columns`` (the table's columns to fill, in the source's column
         order), ``truncate`` (empty the table first) and ``preoperator`` (SQL, or a list
         of SQL, run before the COPY). TRUNCATE, preoperator and COPY share the load's
         transaction. (templated)
     :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every
-        destination's column types equal the source's, text otherwise.
+        destination's column types equal the source's, text otherwise. ``binary`` where
+        they differ is refused before any data moves.
     :param parameters: query parameters for ``sql`` (``%s`` / ``%(name)s``). (templated)
     :param ledger_schema: the schema of the ``copyman_ledger`` table created in each
         destination database; None keeps no ledger and relies on ``task_state_store`` only
