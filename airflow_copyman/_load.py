@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from airflow_copyman import _classify, _plan, copyman
+from airflow_copyman import _classify, _estimate, _names, _plan, copyman
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -85,6 +85,7 @@ class Transfer:
         self.interrupt: BaseException | None = None
         self.source_rows: int | None = None
         self.source_bytes = 0
+        self.estimate: _estimate.SizeEstimate | None = None
         self.secrets: list[str] = []
         try:
             self.source = _plan.Source.parse(sql)
@@ -168,8 +169,23 @@ class Transfer:
                     self._fail(target, exc, "connecting")
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
+        self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
+
+    def _log_connections(self) -> None:
+        """How many sessions this task holds: a DBA sizing ``max_connections`` (or an
+        Airflow pool) multiplies it by the tasks that may run at once."""
+        held = [t.spec.conn_id for t in self.targets if t.conn is not None]
+        self.log.info(
+            "Holding %d PostgreSQL connection(s) until the transfer ends: %s to the source "
+            "(%s), %d to destinations (%s)",
+            len(held) + (self.src is not None),
+            "1" if self.src is not None else "0",
+            self.hook.conn_id,
+            len(held),
+            ", ".join(held) or "-",
+        )
 
     def _check_ledger(self) -> None:
         assert self.ledger is not None
@@ -192,6 +208,7 @@ class Transfer:
         src = self.src
         try:
             source_columns = self.source.describe(src, self.parameters)
+            self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
             src.rollback()
         except _plan.PlanError as exc:
             raise CopyManConfigError(
@@ -215,8 +232,10 @@ class Transfer:
             try:
                 columns = _plan.table_columns(target.conn, target.table, target.columns)
                 if columns is None:
-                    errors.append(f"{where}: table {target.table} does not exist")
+                    errors.append(f"{where}: {_names.missing_table(target.conn, target.table)}")
                     continue
+                if target.columns is not None:  # the names as the table spells them
+                    target.columns = [c.name for c in columns]
                 mismatch = _plan.column_mismatch(source_columns, columns)
                 if mismatch:
                     errors.append(f"{where}: column count mismatch: {mismatch}")
@@ -599,12 +618,13 @@ class Transfer:
         producer = self.producer
         if producer is not None:
             self.log.info(
-                "%s source %s: %d rows, %s, %s/s",
+                "%s source %s: %d rows, %s, %s/s%s",
                 "Done:" if final else "Progress:",
                 self.hook.conn_id,
                 producer.rows,
                 _size(producer.bytes),
                 _size(producer.bytes / elapsed),
+                "" if final else _estimate.progress_note(self.estimate, producer.rows, elapsed),
             )
         for receiver, target in receivers.items():
             state = "copying"
