@@ -166,8 +166,8 @@ def progress_note(estimate: SizeEstimate | None, rows: int, elapsed: float) -> s
     left (estimate)``; nothing without an estimate."""
     if estimate is None or estimate.rows <= 0:
         return ""
-    if rows >= estimate.rows:
-        # The estimate was low: the copy is nearly done, or not; say which we know.
+    if rows > estimate.rows:
+        # The estimate was low: the copy may be nearly done, or far from it.
         return (
             f", ~{MAX_PERCENT}% (more rows than the ~{estimate.rows:,} estimated; time left "
             "unknown)"
