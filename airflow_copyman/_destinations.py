@@ -37,7 +37,8 @@ class Destination:
     :param conn_id: a ``postgres`` connection id.
     :param table: the table (``schema.table``, SQL syntax: quote mixed-case names).
     :param columns: the table's columns to fill, in the order of the source's columns
-        (default: every column but generated ones, in table order).
+        (default: every column but generated ones, in table order): plain names, exactly as
+        the table spells them (``("Id", "amount")``), not SQL.
     :param truncate: empty the table first, in the load's transaction.
     :param preoperator: SQL run in the load's transaction before the COPY (after the
         truncate); a string (may hold several statements) or a list of strings.
