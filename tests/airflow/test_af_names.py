@@ -52,6 +52,13 @@ def test_mixed_case_columns_are_given_plainly(mixed: tuple[Database, Database]) 
     assert dst.execute('SELECT "Id", "ID" FROM "Orders" ORDER BY 1') == [
         (i, -i) for i in range(1, 6)
     ]
+    # Where "Id" and id both exist, "Id" is "Id" (the SQL reading would be id).
+    dst.execute('CREATE TABLE both_ids ("Id" int, id int)')
+    report = CopyManHook("pg_msrc").transfer(
+        "SELECT 7", [Destination("pg_mdst", "both_ids", columns=("Id",))]
+    )
+    assert report.destinations[0].status == "loaded", report
+    assert dst.execute('SELECT "Id", id FROM both_ids') == [(7, None)]
 
 
 def test_sql_spelled_columns_still_work_with_a_deprecation_warning(
