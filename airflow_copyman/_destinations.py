@@ -73,7 +73,7 @@ class Destination:
             raise CopyManConfigError(f"{where} ({conn_id}): 'table' must be a table name")
         columns = value.get("columns")
         if columns is not None and (
-            isinstance(columns, str) or not all(isinstance(c, str) for c in columns)
+            isinstance(columns, str) or not all(isinstance(c, str) and c.strip() for c in columns)
         ):
             raise CopyManConfigError(f"{where} ({conn_id}): 'columns' must be a list of names")
         preoperator = value.get("preoperator") or ()

@@ -12,6 +12,8 @@ import pytest
 import structlog
 from af_support import Database, PgServers, create_orders, create_orders_table
 
+from airflow_copyman import _estimate
+from airflow_copyman._plan import Source
 from airflow_copyman.hooks.copyman import CopyManHook, Destination
 
 ROWS = 20_000
@@ -99,3 +101,36 @@ def test_no_statistics_no_percentage(hook: CopyManHook, sql: str) -> None:
     assert any(line.startswith("No size estimate for the source") for line in lines), lines
     progress = _progress(lines)
     assert progress and not any("%" in line or "left" in line for line in progress), progress
+
+
+def test_partitions_are_summed_and_children_are_not(pg: PgServers) -> None:
+    """A partitioned table's estimate sums its partitions; a table with inheritance children
+    counts its own rows only, as ``COPY table TO`` copies only those."""
+    db = pg.database(pg.src, "pest")
+    db.execute("CREATE TABLE parted (id int, day date) PARTITION BY RANGE (day)")
+    db.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM ('2024-01-01') "
+               "TO ('2024-02-01')")
+    db.execute("CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM ('2024-02-01') "
+               "TO ('2024-03-01')")
+    db.execute("INSERT INTO parted SELECT g, date '2024-01-01' + g % 60 FROM "
+               "generate_series(1, 6000) g")
+    db.execute("CREATE TABLE parent (id int)")
+    db.execute("CREATE TABLE child () INHERITS (parent)")
+    db.execute("INSERT INTO parent SELECT generate_series(1, 1000)")
+    db.execute("INSERT INTO child SELECT generate_series(1, 4000)")
+    db.execute("ANALYZE")
+    with db.connect() as conn:
+        def rows(sql: str) -> int | None:
+            estimate = _estimate.estimate_source(conn, Source.parse(sql), None)
+            return None if estimate is None else estimate.rows
+
+        assert rows("parted") == 6000
+        assert rows("parent") == 1000
+        assert rows("SELECT * FROM parted") == 6000
+        assert rows("SELECT * FROM parent") == 5000  # the query reads the children too
+        # A table never analyzed among the partitions: no estimate.
+        db.execute("CREATE TABLE parted_3 PARTITION OF parted FOR VALUES FROM ('2024-03-01') "
+                   "TO ('2024-04-01') WITH (autovacuum_enabled = false)")
+        db.execute("INSERT INTO parted VALUES (1, '2024-03-02')")
+        assert rows("parted") is None
+        assert rows("SELECT * FROM parted") is None

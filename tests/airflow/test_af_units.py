@@ -209,6 +209,10 @@ def test_operator_rejects_bad_arguments_at_parse_time() -> None:
         )
     with pytest.raises(ValueError, match="'table' must be"):
         CopyManOperator(task_id="e", source_conn_id="s", sql="t", destinations=[{"conn_id": "x"}])
+    with pytest.raises(ValueError, match="'columns' must be a list of names"):
+        CopyManOperator(
+            task_id="g", source_conn_id="s", sql="t", destinations=[{**good[0], "columns": [""]}]
+        )
     op = CopyManOperator(task_id="f", source_conn_id="s", sql="q.sql", destinations=good)
     assert op.template_fields == ("source_conn_id", "sql", "destinations", "parameters")
     assert op.template_ext == (".sql",)
