@@ -18,11 +18,13 @@ case or quoting, gets a hint saying how to write it.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg import pq
 
 if TYPE_CHECKING:
     from airflow_copyman._plan import TableName
@@ -113,19 +115,37 @@ LIMIT 3
 def missing_table(conn: psycopg.Connection[Any], table: TableName, what: str = "table") -> str:
     """``table ... does not exist``, with how to write a table whose name differs only in
     case or quoting (an SQL spelling, quoted where needed)."""
-    text = f"{what} {table} does not exist"
+    return f"{what} {table} does not exist{_table_hint(conn, table.schema, table.name)}"
+
+
+# PostgreSQL's message for a relation a query names that does not exist: the name as the
+# server read it (folded), schema-qualified if the query qualified it.
+_UNDEFINED_RELATION = re.compile(r'relation "(?:([^".]+)\.)?(.+)" does not exist')
+
+
+def undefined_table_hint(conn: psycopg.Connection[Any], exc: psycopg.Error) -> str:
+    """For a query's ``relation "x" does not exist``: how to write a table whose name
+    differs only in case or quoting (empty if there is none). Rolls back a failed
+    transaction first: the error has ended its use anyway."""
+    match = _UNDEFINED_RELATION.match(exc.diag.message_primary or "")
+    if match is None:
+        return ""
+    if conn.info.transaction_status == pq.TransactionStatus.INERROR:
+        conn.rollback()
+    return _table_hint(conn, match.group(1), match.group(2))
+
+
+def _table_hint(conn: psycopg.Connection[Any], schema: str | None, name: str) -> str:
     try:
         # A savepoint: a failed look-up must not abort the caller's transaction.
         with conn.transaction():
-            rows = conn.execute(
-                _SIMILAR_TABLES, {"name": table.name, "schema": table.schema}
-            ).fetchall()
+            rows = conn.execute(_SIMILAR_TABLES, {"name": name, "schema": schema}).fetchall()
     except psycopg.Error:
-        return text
-    spellings = [f"{schema}.{name}" if table.schema else name for schema, name in rows]
+        return ""
+    spellings = [f"{s}.{n}" if schema else n for s, n in rows]
     if not spellings:
-        return text
+        return ""
     return (
-        f"{text}; did you mean {' or '.join(repr(s) for s in spellings)}? Table names are SQL: "
+        f"; did you mean {' or '.join(repr(s) for s in spellings)}? Table names are SQL: "
         "unquoted names fold to lower case, double-quoted ones are exact"
     )

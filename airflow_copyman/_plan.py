@@ -197,7 +197,13 @@ class Source:
             # COPY takes no server-side parameters: psycopg binds them client-side, so
             # describe exactly the text the server will see.
             text = ClientCursor(conn).mogrify(text, params)
-        return _describe_query(conn, text)
+        try:
+            return _describe_query(conn, text)
+        except psycopg.errors.UndefinedTable as exc:
+            hint = _names.undefined_table_hint(conn, exc)
+            if not hint:
+                raise
+            raise PlanError(f"UndefinedTable [42P01]: {exc.diag.message_primary}{hint}") from None
 
 
 def copy_in(table: TableName, columns: Sequence[str] | None, fmt: Format) -> sql.Composed:

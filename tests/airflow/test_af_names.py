@@ -93,6 +93,11 @@ def test_sql_spelled_columns_still_work_with_a_deprecation_warning(
          """table "public"."orders" does not exist; did you mean 'public."Orders"'?"""),
         ("Orders", '"Orders"', None,
          """source table "orders" does not exist; did you mean '"Orders"'?"""),
+        # A table a query names.
+        ("SELECT * FROM orders o", '"Orders"', None,
+         """UndefinedTable [42P01]: relation "orders" does not exist; did you mean '"Orders"'?"""),
+        ('SELECT * FROM "Orders" JOIN public.ORDERS USING ("Id")', '"Orders"', None,
+         """relation "public.orders" does not exist; did you mean 'public."Orders"'?"""),
     ],
 )
 def test_names_that_differ_only_in_case_get_a_hint(
