@@ -2,10 +2,12 @@
 
 Table names are SQL (``schema.table``; unquoted names fold to lower case, ``"Quoted"`` ones are
 exact), because a table name is a piece of SQL everywhere else in Airflow too. Column names
-are plain names, taken exactly as given, like ``insert_rows(target_fields=...)``: ``Id`` is the
-column ``Id``, with no quoting to remember.
+are plain names, taken exactly as given: ``Id`` is the column ``Id``, with no quoting to
+remember. (Airflow's ``insert_rows(target_fields=...)`` quotes only names with special
+characters or reserved words, unless the connection sets ``escape_column_names``: there ``Id``
+still folds to ``id``.)
 
-Until 0.1 the ``columns`` were SQL as well (``'"Id"'`` for ``Id``, ``'ID'`` meaning ``id``). A
+Before, the ``columns`` were SQL as well (``'"Id"'`` for ``Id``, ``'ID'`` meaning ``id``). A
 name that matches no column as given, but does as that SQL reading, is still accepted, with a
 deprecation warning that says how to write it: DAGs that worked keep working, and say what to
 change. A name that matches a column exactly always wins, so the new reading decides wherever
@@ -38,7 +40,7 @@ class CopyManDeprecationWarning(DeprecationWarning):
 
 def sql_reading(text: str) -> str | None:
     """How PostgreSQL reads ``text`` as one SQL identifier (``"Id"`` -> ``Id``, ``ID`` ->
-    ``id``), or None if it is not one: the pre-0.2 reading of a column name."""
+    ``id``), or None if it is not one: how column names were read before."""
     from airflow_copyman._plan import _COLUMN_NAME, _unquote
 
     match = _COLUMN_NAME.match(text)

@@ -97,9 +97,9 @@ def parse_table(text: str, what: str = "table") -> TableName:
 
 
 def parse_columns(columns: Iterable[str] | None, what: str) -> list[str] | None:
-    """Column names, taken exactly as given (``Id`` is the column ``Id``): plain names, as in
-    ``insert_rows(target_fields=...)``, not SQL. They are matched against the table's columns
-    when the table is described (:func:`airflow_copyman._names.resolve_columns`)."""
+    """Column names, taken exactly as given (``Id`` is the column ``Id``): plain names, not
+    SQL. They are matched against the table's columns when the table is described
+    (:func:`airflow_copyman._names.resolve_columns`)."""
     if columns is None:
         return None
     if isinstance(columns, str):
