@@ -55,7 +55,8 @@ def estimate_source(
                 if params:  # as the server will see it (parameters are bound client-side)
                     text = ClientCursor(conn).mogrify(text, params)
                 estimate = _query_estimate(conn, text)
-    except psycopg.Error as exc:
+    except (psycopg.Error, LookupError, TypeError, ValueError) as exc:
+        # A server error, or a plan of an unexpected shape: no estimate, and the copy goes on.
         log.info(
             "No size estimate for the source (%s): progress shows no percentage",
             type(exc).__name__,
