@@ -3,9 +3,9 @@
 # Both create .venv and install everything themselves, so they work on a fresh machine.
 #
 # Python: any version the package supports (3.11 to 3.14, as Airflow 3.3 supports up to 3.14).
-# `make test PYTHON=/path/to/python3.12` picks one; otherwise the newest of python3.13,
-# python3.12, python3.11 and python3 that is 3.11+ is used. An existing .venv is kept as it is
-# (`make clean` first to change its Python).
+# `make test PYTHON=/path/to/python3.12` picks one; otherwise the first of python3.13,
+# python3.12, python3.11 and python3 that is 3.11 to 3.14 is used. An existing .venv is kept
+# as it is (`make clean` first to change its Python).
 PYTHON_CANDIDATES := python3.13 python3.12 python3.11 python3
 SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))
 ifeq ($(origin PYTHON),undefined)
