@@ -1,7 +1,17 @@
 # Two entry points (see README): `make demo` runs the example DAG end to end on throwaway
 # PostgreSQL servers; `make test` runs lint, type checks and the whole test suite.
 # Both create .venv and install everything themselves, so they work on a fresh machine.
-PYTHON ?= python3.11
+#
+# Python: any version the package supports (3.11 to 3.14, as Airflow 3.3 supports up to 3.14).
+# `make test PYTHON=/path/to/python3.12` picks one; otherwise the first of python3.13,
+# python3.12, python3.11 and python3 that is 3.11 to 3.14 is used. An existing .venv is kept
+# as it is (`make clean` first to change its Python).
+PYTHON_CANDIDATES := python3.13 python3.12 python3.11 python3
+SUPPORTED_PYTHON := import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 14))
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach p,$(PYTHON_CANDIDATES),$(shell command -v $(p) >/dev/null 2>&1 \
+	&& $(p) -c '$(SUPPORTED_PYTHON)' 2>/dev/null && echo $(p))))
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,6 +19,12 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint bench venv postgres clean
 
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "no Python 3.11 to 3.14 found \
+	(tried $(PYTHON_CANDIDATES)): install one, or give it as PYTHON=/path/to/python3.x" >&2; \
+	exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -c '$(SUPPORTED_PYTHON)' 2>/dev/null || { echo \
+	"PYTHON=$(PYTHON) is not a Python 3.11 to 3.14 ($$($(PYTHON) --version 2>&1 | head -1))" >&2; \
+	exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

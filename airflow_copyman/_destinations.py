@@ -37,7 +37,8 @@ class Destination:
     :param conn_id: a ``postgres`` connection id.
     :param table: the table (``schema.table``, SQL syntax: quote mixed-case names).
     :param columns: the table's columns to fill, in the order of the source's columns
-        (default: every column but generated ones, in table order).
+        (default: every column but generated ones, in table order): plain names, exactly as
+        the table spells them (``("Id", "amount")``), not SQL.
     :param truncate: empty the table first, in the load's transaction.
     :param preoperator: SQL run in the load's transaction before the COPY (after the
         truncate); a string (may hold several statements) or a list of strings.
@@ -72,7 +73,7 @@ class Destination:
             raise CopyManConfigError(f"{where} ({conn_id}): 'table' must be a table name")
         columns = value.get("columns")
         if columns is not None and (
-            isinstance(columns, str) or not all(isinstance(c, str) for c in columns)
+            isinstance(columns, str) or not all(isinstance(c, str) and c.strip() for c in columns)
         ):
             raise CopyManConfigError(f"{where} ({conn_id}): 'columns' must be a list of names")
         preoperator = value.get("preoperator") or ()

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from airflow_copyman import _classify, _identity, _plan, _readonly, copyman
+from airflow_copyman import _classify, _estimate, _identity, _names, _plan, _readonly, copyman
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -86,6 +86,7 @@ class Transfer:
         self.interrupt: BaseException | None = None
         self.source_rows: int | None = None
         self.source_bytes = 0
+        self.estimate: _estimate.SizeEstimate | None = None
         self.secrets: list[str] = []
         try:
             self.source = _plan.Source.parse(sql)
@@ -170,8 +171,23 @@ class Transfer:
                     self._fail(target, exc, "connecting")
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
+        self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
+
+    def _log_connections(self) -> None:
+        """How many sessions this task holds: a DBA sizing ``max_connections`` (or an
+        Airflow pool) multiplies it by the tasks that may run at once."""
+        held = [t.spec.conn_id for t in self.targets if t.conn is not None]
+        self.log.info(
+            "Holding %d PostgreSQL connection(s) until the transfer ends: %s to the source "
+            "(%s), %d to destinations (%s)",
+            len(held) + (self.src is not None),
+            "1" if self.src is not None else "0",
+            self.hook.conn_id,
+            len(held),
+            ", ".join(held) or "-",
+        )
 
     def _check_ledger(self) -> None:
         assert self.ledger is not None
@@ -203,6 +219,7 @@ class Transfer:
                 )
             _readonly.refuse_writes(src, select)
             source_tables = _identity.source(src, f"source {self.hook.conn_id}")
+            self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
         except _plan.PlanError as exc:
             raise CopyManConfigError(
                 self._redact(f"source {self.hook.describe()}: {exc}")
@@ -227,8 +244,10 @@ class Transfer:
             try:
                 columns = _plan.table_columns(target.conn, target.table, target.columns)
                 if columns is None:
-                    errors.append(f"{where}: table {target.table} does not exist")
+                    errors.append(f"{where}: {_names.missing_table(target.conn, target.table)}")
                     continue
+                if target.columns is not None:  # the names as the table spells them
+                    target.columns = [c.name for c in columns]
                 mismatch = _plan.column_mismatch(source_columns, columns)
                 if mismatch:
                     errors.append(f"{where}: column count mismatch: {mismatch}")
@@ -641,12 +660,13 @@ class Transfer:
         producer = self.producer
         if producer is not None:
             self.log.info(
-                "%s source %s: %d rows, %s, %s/s",
+                "%s source %s: %d rows, %s, %s/s%s",
                 "Done:" if final else "Progress:",
                 self.hook.conn_id,
                 producer.rows,
                 _size(producer.bytes),
                 _size(producer.bytes / elapsed),
+                "" if final else _estimate.progress_note(self.estimate, producer.rows, elapsed),
             )
         for receiver, target in receivers.items():
             state = "copying"

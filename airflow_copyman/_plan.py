@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeAlias
 import psycopg
 from psycopg import ClientCursor, pq, sql
 
+from airflow_copyman import _names
+
 Format: TypeAlias = Literal["binary", "text", "csv"]
 FORMATS: tuple[Format, ...] = ("binary", "text", "csv")
 #: ``format=None`` (the default) means binary where the column types allow it, else text.
@@ -104,21 +106,21 @@ def parse_table(text: str, what: str = "table") -> TableName:
 
 
 def parse_columns(columns: Iterable[str] | None, what: str) -> list[str] | None:
-    """Column names in SQL syntax (``id``, ``"Amount"``), resolved like PostgreSQL does."""
+    """Column names, taken exactly as given (``Id`` is the column ``Id``): plain names, not
+    SQL. They are matched against the table's columns when the table is described
+    (:func:`airflow_copyman._names.resolve_columns`)."""
     if columns is None:
         return None
     if isinstance(columns, str):
         raise PlanError(f"{what}: columns must be a list of column names, not a string")
-    names = []
-    for column in columns:
-        match = _COLUMN_NAME.match(column) if isinstance(column, str) else None
-        if match is None:
+    names = list(columns)
+    for column in names:
+        if not isinstance(column, str) or not column.strip():
             raise PlanError(f"{what}: {column!r} is not a column name")
-        names.append(_unquote(match.group(1)))
     if not names:
         raise PlanError(f"{what}: columns is empty (leave it out to load every column)")
     if len(set(names)) != len(names):
-        raise PlanError(f"{what}: a column is listed twice in {list(columns)}")
+        raise PlanError(f"{what}: a column is listed twice in {names}")
     return names
 
 
@@ -210,7 +212,7 @@ class Source:
         if self.table is not None:
             columns = table_columns(conn, self.table, None, source=True)
             if columns is None:
-                raise PlanError(f"source table {self.table} does not exist")
+                raise PlanError(_names.missing_table(conn, self.table, "source table"))
             return columns
         assert self.query is not None
         text = self.query
@@ -218,7 +220,13 @@ class Source:
             # COPY takes no server-side parameters: psycopg binds them client-side, so
             # describe exactly the text the server will see.
             text = ClientCursor(conn).mogrify(text, params)
-        return _describe_query(conn, text)
+        try:
+            return _describe_query(conn, text)
+        except psycopg.errors.UndefinedTable as exc:
+            hint = _names.undefined_table_hint(conn, exc)
+            if not hint:
+                raise
+            raise PlanError(f"UndefinedTable [42P01]: {exc.diag.message_primary}{hint}") from None
 
 
 def copy_in(table: TableName, columns: Sequence[str] | None, fmt: Format) -> sql.Composed:
@@ -290,7 +298,8 @@ def table_columns(
 ) -> list[Column] | None:
     """The columns COPY reads (``source``) or writes for ``table``: the given ones, or every
     column but generated ones. None if the table does not exist; ``PlanError`` for a column
-    that does not exist or may not be read/written."""
+    that does not exist or may not be read/written. ``columns`` are names as given (see
+    :mod:`airflow_copyman._names`); the returned columns carry the names to write in SQL."""
     oid = table_oid(conn, table)
     if oid is None:
         return None
@@ -304,13 +313,8 @@ def table_columns(
     if columns is None:
         chosen = [r for r in rows if not r[4]]
     else:
-        missing = [c for c in columns if c not in by_name]
-        if missing:
-            raise PlanError(
-                f"table {table} has no column {', '.join(map(repr, missing))} "
-                f"(it has {', '.join(r[0] for r in rows)})"
-            )
-        chosen = [by_name[c] for c in columns]
+        names = _names.resolve_columns(columns, [r[0] for r in rows], str(table))
+        chosen = [by_name[c] for c in names]
         generated_cols = [r[0] for r in chosen if r[4]]
         if generated_cols:
             raise PlanError(f"table {table}: column {generated_cols[0]!r} is generated")

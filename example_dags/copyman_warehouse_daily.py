@@ -6,6 +6,14 @@ other days stay) and ``pg_wh2`` holds only the latest day. If one warehouse fail
 still commits, and the retry loads only the one that failed. A downstream task reads the
 totals from XCom.
 
+Each running load holds one connection to the source and one to each warehouse for its whole
+run (dynamic task mapping multiplies that by the mapped tasks running at once), so the load
+runs in the Airflow pool ``copyman_warehouse``: its slots cap the loads that run against the
+warehouses at the same time. Create the pool before the DAG runs (a task in a pool that does
+not exist is never scheduled)::
+
+    airflow pools set copyman_warehouse 2 "CopyMan loads into the warehouses"
+
 Run it end to end on throwaway PostgreSQL servers with ``make demo``
 (``python -m airflow_copyman.demo``); the test suite runs this very file too.
 """
@@ -18,6 +26,10 @@ from typing import Any
 from airflow.sdk import DAG, get_current_context, task
 
 from airflow_copyman.operators.copyman import CopyManOperator
+
+#: The pool capping concurrent loads into the warehouses (2 slots: at most 2 loads, so
+#: 2 source and 4 warehouse connections, at a time).
+WAREHOUSE_POOL = "copyman_warehouse"
 
 # [START copyman_warehouse_daily]
 with DAG(
@@ -32,6 +44,8 @@ with DAG(
         task_id="load_orders",
         source_conn_id="pg_src",
         sql="SELECT * FROM orders WHERE day = '{{ ds }}'",
+        # At most the pool's slots of these loads at once (see the module's docstring).
+        pool=WAREHOUSE_POOL,
         destinations=[
             {
                 "conn_id": "pg_wh1",

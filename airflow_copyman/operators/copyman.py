@@ -65,8 +65,9 @@ class CopyManOperator(BaseOperator):
         holding either; not a COPY statement: the operator builds the COPY itself. A query
         that modifies data or locks rows is refused. (templated)
     :param destinations: a list of mappings, one per destination: ``conn_id``, ``table``
-        and optionally ``columns`` (the table's columns to fill, in the source's column
-        order), ``truncate`` (empty the table first) and ``preoperator`` (SQL, or a list
+        (SQL: ``schema.table``, quoted where needed) and optionally ``columns`` (the
+        table's columns to fill, in the source's column order: plain names, exactly as the
+        table spells them), ``truncate`` (empty the table first) and ``preoperator`` (SQL, or a list
         of SQL, run before the COPY). TRUNCATE, preoperator and COPY share the load's
         transaction. (templated)
     :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from af_support import PgServers, run_dag
+from af_support import PgServers, Run, run_dag
 
 from airflow_copyman import demo
 
@@ -24,10 +24,15 @@ def test_example_dag_loads_both_warehouses_and_reports(
     for key, value in demo.connection_env(src, wh1, wh2).items():
         monkeypatch.setenv(key, value)
     logical_date = datetime.datetime.combine(demo.DEMO_DAY, datetime.time(), tzinfo=datetime.UTC)
+    # As `make demo` does. dag.test() runs a task whatever its pool, but a scheduler never
+    # schedules a task whose pool does not exist: the check below is that the pool the load
+    # ran in is one the demo created, with the slots the docs give.
+    demo.create_pool()
 
     run = run_dag(demo.DAG_FILE, demo.DAG_ID, logical_date=logical_date)
 
     assert run.state == "success", run.tis
+    assert _pool_of(run, demo.TASK_ID) == (demo.POOL, 1, demo.POOL_SLOTS)
     totals = run.xcom(demo.TASK_ID)
     assert totals["rows"] == 5000
     assert [(d["conn_id"], d["status"], d["rows"]) for d in totals["destinations"]] == [
@@ -48,3 +53,22 @@ def test_example_dag_loads_both_warehouses_and_reports(
     assert again.state == "success"
     assert [d["status"] for d in again.xcom(demo.TASK_ID)["destinations"]] == ["loaded"] * 2
     assert demo.verify(src, wh1, wh2, demo.DEMO_DAY) == []
+
+
+def _pool_of(run: Run, task_id: str) -> tuple[str, int, int | None]:
+    """The pool and slots the task ran with, and the pool's size (None: no such pool)."""
+    from airflow.models.pool import Pool
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        pool, slots = session.execute(
+            select(TaskInstance.pool, TaskInstance.pool_slots).where(
+                TaskInstance.dag_id == run.dag_id,
+                TaskInstance.run_id == run.run_id,
+                TaskInstance.task_id == task_id,
+            )
+        ).one()
+        size = session.scalar(select(Pool.slots).where(Pool.pool == pool))
+    return str(pool), int(slots), size

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_copyman import _classify, _plan, copyman
+from airflow_copyman import _classify, _estimate, _names, _plan, copyman
 from airflow_copyman._plan import Column, Source, TableName
 
 
@@ -58,14 +58,47 @@ def test_copy_statements_are_refused(text: str) -> None:
 
 
 def test_columns_and_formats() -> None:
-    assert _plan.parse_columns(["id", '"Amount"', " note "], "t") == ["id", "Amount", "note"]
-    for bad in (["id", "id"], [], "id", ["a b"]):
+    # Column names are names, as given: checked against the table when it is described.
+    assert _plan.parse_columns(["id", "Amount", "a b"], "t") == ["id", "Amount", "a b"]
+    for bad in (["id", "id"], [], "id", [""], [" "], [3]):
         with pytest.raises(_plan.PlanError):
             _plan.parse_columns(bad, "t")  # type: ignore[arg-type]
     assert _plan.normalize_format(None) is None
     assert _plan.normalize_format("CSV") == "csv"
     with pytest.raises(_plan.PlanError, match="format must be one of"):
         _plan.normalize_format("parquet")
+
+
+def test_column_names_resolve_exactly_then_as_sql_with_a_warning() -> None:
+    available = ["Id", "id", "Amount", "x y"]
+    assert _names.resolve_columns(["Id", "id", "x y"], available, "t") == ["Id", "id", "x y"]
+    with pytest.warns(_names.CopyManDeprecationWarning, match="write the plain name 'Amount'"):
+        assert _names.resolve_columns(['"Amount"'], available, "t") == ["Amount"]
+    with pytest.raises(_plan.PlanError, match=r"has no column 'amount' \(did you mean 'Amount'"):
+        _names.resolve_columns(["amount"], available, "t")
+    with pytest.raises(_plan.PlanError, match="listed twice"), pytest.warns(
+        _names.CopyManDeprecationWarning
+    ):
+        _names.resolve_columns(["Amount", '"Amount"'], available, "t")
+
+
+def test_progress_notes() -> None:
+    estimate = _estimate.SizeEstimate(20_000, "table statistics")
+    assert _estimate.progress_note(None, 100, 1.0) == ""
+    assert _estimate.progress_note(estimate, 9_000, 10.0) == (
+        ", ~45% of ~20,000 rows (estimate), ~12s left (estimate)"
+    )
+    assert _estimate.progress_note(estimate, 2_000, 8.9) == (
+        ", ~10% of ~20,000 rows (estimate), ~1m20s left (estimate)"
+    )
+    # Never 100% while the copy runs, and no time left once the estimate proves low.
+    assert _estimate.progress_note(estimate, 19_999, 60.0).startswith(", ~99% of")
+    assert _estimate.progress_note(estimate, 25_000, 60.0) == (
+        ", ~99% (more rows than the ~20,000 estimated; time left unknown)"
+    )
+    assert [_estimate.duration(s) for s in (0.4, 59.6, 80, 3600 * 2 + 300)] == [
+        "0s", "1m00s", "1m20s", "2h05m",
+    ]
 
 
 def test_binary_only_for_identical_portable_types() -> None:
@@ -178,6 +211,10 @@ def test_operator_rejects_bad_arguments_at_parse_time() -> None:
         )
     with pytest.raises(ValueError, match="'table' must be"):
         CopyManOperator(task_id="e", source_conn_id="s", sql="t", destinations=[{"conn_id": "x"}])
+    with pytest.raises(ValueError, match="'columns' must be a list of names"):
+        CopyManOperator(
+            task_id="g", source_conn_id="s", sql="t", destinations=[{**good[0], "columns": [""]}]
+        )
     op = CopyManOperator(task_id="f", source_conn_id="s", sql="q.sql", destinations=good)
     assert op.template_fields == ("source_conn_id", "sql", "destinations", "parameters")
     assert op.template_ext == (".sql",)
