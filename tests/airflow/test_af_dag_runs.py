@@ -162,7 +162,8 @@ CREATE TRIGGER kill_me BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION kil
 
 
 def test_backend_dies_mid_copy_then_retry_loads_only_it(
-    pg: PgServers, monkeypatch: pytest.MonkeyPatch, events: Events
+    pg: PgServers, monkeypatch: pytest.MonkeyPatch, events: Events,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     src = pg.database(pg.src, "rsrc")
     create_orders(src, 20_000)
@@ -176,6 +177,10 @@ def test_backend_dies_mid_copy_then_retry_loads_only_it(
 
     assert run.state == "success"
     assert run.tis["retry_once"] == ("success", 2)
+    # The log says what the ledger skips, on each try.
+    out, _ = capfd.readouterr()
+    assert "0 destination(s) already loaded (skipped), 3 to load" in out
+    assert "2 destination(s) already loaded (skipped), 1 to load" in out
     (retry,) = events.of("retry_once")
     assert retry["event"] == "retry" and retry["try_number"] == 1
     assert retry["exception"] == "CopyManDestinationsFailed"
