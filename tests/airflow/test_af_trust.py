@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from af_support import Database, PgServers, create_orders, create_orders_table, rows_of
 
@@ -289,7 +288,7 @@ def test_ssl_refused_is_permanent(
 ) -> None:
     _, d1, _ = orders
     _point(monkeypatch, pg_ssl=d1.uri() + "?sslmode=require")
-    with pytest.raises(CopyManConfigError, match="destination #1 .*SSL"):
+    with pytest.raises(CopyManConfigError, match=r"destination #1 .*SSL"):
         CopyManHook("pg_tsrc").transfer(
             "orders", [Destination("pg_ssl", "orders")], ledger=Ledger(None, _key(1))
         )
