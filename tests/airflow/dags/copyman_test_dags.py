@@ -252,3 +252,14 @@ with DAG("copyman_test_kill_busy", schedule=None, start_date=START) as kill_busy
         ],
         retries=0,
     )
+
+
+# Lineage with connections kept in the metadata database (OpenLineage console transport).
+with DAG("copyman_test_lineage", schedule=None, start_date=START) as lineage_dag:
+    CopyManOperator(
+        task_id="with_lineage",
+        source_conn_id="ol_meta_src",
+        sql="orders",
+        destinations=[{"conn_id": "ol_meta_dst", "table": "orders"}],
+        retries=0,
+    )
