@@ -163,6 +163,7 @@ def test_a_lost_commit_reply_holds_no_one_and_the_retry_loads_exactly_once(
             )
         returned = time.monotonic()
         watcher.join()
+    assert d2_committed and d2_committed[0] < returned - 1.0, "d2 waited for d1's commit"
     assert not isinstance(info.value, CopyManPermanentFailure)
     report = info.value.report
     assert report is not None
@@ -171,7 +172,6 @@ def test_a_lost_commit_reply_holds_no_one_and_the_retry_loads_exactly_once(
     assert lost.status == "failed" and not lost.permanent
     assert "COMMIT" in (lost.error or "") and "outcome is unknown" in (lost.error or "")
     assert returned - started < 15
-    assert d2_committed and d2_committed[0] < returned - 1.0, "d2 waited for d1's commit"
     # The server did commit: the next try reads the ledger and loads nothing twice.
     _point(monkeypatch, pg_slow=d1)
     again = CopyManHook("pg_tsrc").transfer(
