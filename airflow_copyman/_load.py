@@ -190,18 +190,23 @@ class Transfer:
         source_error: BaseException | None = None
         hooks = [self.hook, *(t.hook for t in self.targets)]
         results = _bounded.connect_all([h.get_conn for h in hooks], self.bounds.stop)
+        src_result, *target_results = results
+        if not isinstance(src_result, BaseException):
+            self.src = self._bind(src_result)
+        for target, result in zip(self.targets, target_results, strict=True):
+            if not isinstance(result, BaseException):
+                target.conn = self._bind(result)
         for result in results:
+            # Not a connection failure (an IAM token that cannot be had, say): raised as
+            # is, after the connections made were kept for _close.
             if isinstance(result, BaseException) and not isinstance(
                 result, psycopg.Error | copyman.Cancelled
             ):
                 raise result
-        src_result, *target_results = results
         if isinstance(src_result, BaseException):
             if _classify.is_permanent(src_result):
                 errors.append(f"source {self.hook.describe()}: {_classify.describe(src_result)}")
             source_error = src_result
-        else:
-            self.src = self._bind(src_result)
         for i, (target, result) in enumerate(zip(self.targets, target_results, strict=True)):
             if isinstance(result, BaseException):
                 if _classify.is_permanent(result):
@@ -211,8 +216,6 @@ class Transfer:
                     )
                 else:
                     self._fail(target, result, "connecting")
-            else:
-                target.conn = self._bind(result)
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
         if source_error is not None:
@@ -359,10 +362,10 @@ class Transfer:
         """Open each destination's transaction, run the copy, commit what completed."""
         assert self.src is not None and self.format is not None
         while True:
-            loading = []
-            for target in self._pending():
-                if self._begin(target):
-                    loading.append(target)
+            # Every claim first, then the TRUNCATEs: waiting for another try's claim must
+            # not hold a TRUNCATE lock on a table taken before it.
+            claimed = [t for t in self._pending() if self._claim(t)]
+            loading = [t for t in claimed if self._begin(t)]
             if not loading or self.cancelled:
                 for target in loading:
                     self._fail(target, copyman.Cancelled("the task was killed"), "starting")
@@ -375,25 +378,38 @@ class Transfer:
             break
         self._commit([t for t in loading if t.pending])
 
-    def _begin(self, target: Target) -> bool:
-        """The destination's load transaction, up to the COPY: TRUNCATE, preoperator."""
+    def _claim(self, target: Target) -> bool:
+        """Open the destination's load transaction, owning the load first: another try of
+        this lineage loading it now (a zombie) holds the claim until its commit, and its
+        ledger row shows then. False if the destination is loaded or failed."""
         conn = target.conn
         assert conn is not None and target.table is not None
-        doing = "claiming the load"
         try:
             conn.rollback()
-            if self.ledger is not None and target.ledger_schema is not None:
-                # Own the load first: another try of this lineage loading it now (a zombie)
-                # holds the claim until its commit, and its ledger row shows then.
-                self.ledger.claim(conn, target.spec.conn_id, str(target.table))
-                entry = self.ledger.read(
-                    conn, target.ledger_schema, target.spec.conn_id, str(target.table)
-                )
-                if entry is not None:
-                    conn.rollback()
-                    self._already_loaded(target, entry)
-                    return False
-            doing = "running truncate/preoperator"
+            if self.ledger is None or target.ledger_schema is None:
+                return True
+            self.ledger.claim(conn, target.spec.conn_id, str(target.table))
+            entry = self.ledger.read(
+                conn, target.ledger_schema, target.spec.conn_id, str(target.table)
+            )
+        except psycopg.Error as exc:
+            doing = "claiming the load"
+            if isinstance(exc, _bounded.StatementTimeout):
+                doing += " (another try of this task is loading it)"
+            self._fail(target, exc, doing)
+            self._rollback(target)
+            return False
+        if entry is not None:
+            self._rollback(target)
+            self._already_loaded(target, entry)
+            return False
+        return True
+
+    def _begin(self, target: Target) -> bool:
+        """The load transaction, up to the COPY: TRUNCATE, preoperator."""
+        conn = target.conn
+        assert conn is not None and target.table is not None
+        try:
             if target.spec.truncate:
                 conn.execute(
                     psycopg.sql.SQL("TRUNCATE TABLE {}").format(target.table.identifier)
@@ -401,9 +417,7 @@ class Transfer:
             for statement in target.spec.statements:
                 conn.execute(statement)  # type: ignore[call-overload]
         except psycopg.Error as exc:
-            if doing == "claiming the load" and isinstance(exc, _bounded.StatementTimeout):
-                doing += " (another try of this task is loading it)"
-            self._fail(target, exc, doing)
+            self._fail(target, exc, "running truncate/preoperator")
             self._rollback(target)
             return False
         target.started = time.monotonic()

@@ -115,6 +115,50 @@ def test_a_server_that_never_answers_fails_transient_in_bounded_time(
     assert _bounded.CONNECT_TIMEOUT <= 30
 
 
+def _stop_after(hook: CopyManHook, seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, hook.cancel)  # what on_kill does
+    timer.start()
+    return timer
+
+
+def test_a_stop_ends_connecting_and_preoperators(
+    orders: tuple[Database, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, d1, d2 = orders
+    busy = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND query LIKE 'SELECT pg_sleep%%'"
+    )
+    # Stopped in a preoperator: cancelled on its server, nothing committed.
+    hook = CopyManHook("pg_tsrc")
+    _stop_after(hook, 0.5)
+    started = time.monotonic()
+    report = hook.transfer(
+        "orders",
+        [Destination("pg_td1", "orders", preoperator="SELECT pg_sleep(30)"),
+         Destination("pg_td2", "orders")],
+        raise_on_failure=False,
+    )
+    assert time.monotonic() - started < 3
+    assert [d.status for d in report.destinations] == ["failed", "failed"]
+    assert all("stopped" in (d.error or "") for d in report.destinations)
+    assert d1.scalar(busy) == 0
+    for db in (d1, d2):
+        assert db.scalar("SELECT count(*) FROM orders") == 0
+    # Stopped while connecting to a server that never answers (connect_timeout 20 s).
+    with TcpProxy(d1.address.host, d1.address.port, accept_only=True) as proxy:
+        _point(monkeypatch, pg_mute=_via(proxy, d1, connect_timeout="20"))
+        hook = CopyManHook("pg_tsrc")
+        _stop_after(hook, 0.5)
+        started = time.monotonic()
+        report = hook.transfer(
+            "orders", [Destination("pg_mute", "orders")], raise_on_failure=False
+        )
+        assert time.monotonic() - started < 3
+    assert report.destinations[0].status == "failed"
+    assert "stopped" in (report.destinations[0].error or "")
+
+
 # The commits.
 
 
