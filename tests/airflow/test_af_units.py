@@ -102,6 +102,8 @@ def test_binary_only_for_identical_portable_types() -> None:
         (psycopg.OperationalError('connection failed: FATAL:  database "x" does not exist'),
          True),
         (psycopg.ProgrammingError('invalid connection option "foo"'), True),
+        (psycopg.OperationalError("connection failed: server does not support SSL, but SSL "
+                                  "was required"), True),
         (copyman.RowCountMismatch("x"), True),
         (copyman.ReceiverTimeout("x"), False),
         (copyman.Cancelled("x"), False),
