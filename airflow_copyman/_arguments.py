@@ -22,6 +22,14 @@ def is_template(value: Any) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
+def is_deferred(value: Any) -> bool:
+    """Whether ``value`` is known only when the task runs: a Jinja template, or an object
+    Airflow resolves then (an ``XComArg``, ``task.output``)."""
+    if isinstance(value, str):
+        return is_template(value)
+    return callable(getattr(value, "resolve", None))
+
+
 def seconds(name: str, value: Any, *, zero_ok: bool) -> float:
     """A number of seconds: an int or float (not a bool, not a string), finite, positive
     (or zero where ``zero_ok``)."""

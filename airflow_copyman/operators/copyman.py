@@ -131,10 +131,11 @@ class CopyManOperator(BaseOperator):
         # checked after rendering, before any connection is used.
         try:
             _plan.normalize_format(format)
-            _arguments.sql(sql)
+            if not _arguments.is_deferred(sql):
+                _arguments.sql(sql)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
-            if not _arguments.is_template(parameters):
+            if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
             if not isinstance(ledger, bool):
@@ -143,7 +144,7 @@ class CopyManOperator(BaseOperator):
                 )
         except (_plan.PlanError, _arguments.ArgumentError) as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
-        if _plan.is_copy_statement(sql):
+        if isinstance(sql, str) and _plan.is_copy_statement(sql):
             raise ValueError(
                 f"{self.task_id}: sql must be a query or a table name, not a COPY "
                 "statement: the operator builds the COPY itself"

@@ -452,6 +452,20 @@ def test_templated_values_are_checked_after_rendering() -> None:
         ],
         parameters="{{ params.p }}",
     )
+    # ... and so are values Airflow resolves when the task runs (XComArg).
+    from airflow.sdk import task
+
+    @task
+    def query() -> str:
+        return "orders"
+
+    from airflow.sdk import DAG
+
+    with DAG("xcom_args_dag", schedule=None):
+        CopyManOperator(
+            task_id="from_xcom", source_conn_id="s", sql=query(), destinations=good,
+            parameters=query(),
+        )
     # ... values known then are refused then, naming the argument.
     for kwargs, message in [
         ({"receiver_timeout": 0}, "receiver_timeout"),
