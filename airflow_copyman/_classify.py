@@ -48,7 +48,8 @@ PERMANENT_STATES = frozenset(
 _REFUSED_FOR_GOOD = re.compile(
     r"password authentication failed|authentication failed for user|"
     r"(?:database|role) \"[^\"]*\" does not exist|no pg_hba\.conf entry|"
-    r"invalid (?:connection option|URI query parameter)|password is required",
+    r"invalid (?:connection option|URI query parameter)|password is required|"
+    r"server does not support SSL|SSL (?:is )?required|sslmode value .* invalid",
     re.IGNORECASE,
 )
 
@@ -78,8 +79,9 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
-    """One line saying what failed: ``Class [SQLSTATE]: first line of the message``,
-    with every secret (and its URL-encoded form) replaced by ``***``."""
+    """One line saying what failed: ``Class [SQLSTATE]: the message``, then the server's
+    DETAIL, HINT and CONTEXT (for a COPY, the line it failed on) where it sent them, with
+    every secret (and its URL-encoded form) replaced by ``***``."""
     lines = str(exc).strip().splitlines()
     message = lines[0].strip() if lines else ""
     if isinstance(exc, copyman.CopyFail | copyman.ReceiverFault) and exc.__cause__ is not None:
@@ -87,7 +89,17 @@ def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     state = sqlstate(exc)
     name = type(exc).__name__
     head = f"{name} [{state}]" if state else name
-    return redact(f"{head}: {message}" if message else head, secrets)
+    text = f"{head}: {message}" if message else head
+    diag = getattr(exc, "diag", None)
+    if isinstance(exc, psycopg.Error) and diag is not None:
+        for label, value in (
+            ("DETAIL", diag.message_detail),
+            ("HINT", diag.message_hint),
+            ("CONTEXT", diag.context),
+        ):
+            if value:
+                text += f"; {label}: {' '.join(value.split())}"
+    return redact(text, secrets)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

@@ -13,7 +13,13 @@ A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table).
 manual clear (or a re-created DAG run) starts a new one, and a new lineage loads every
 destination again, as Airflow users expect from a re-run. The insert checks the lineage
 in the same statement, so two tries of one lineage racing each other (a zombie and its
-retry) cannot both commit: the second one finds the first one's row and rolls back.
+retry) cannot both commit: the second one finds the first one's row and rolls back. Before
+loading, a try also claims the destination (:meth:`Ledger.claim`, an advisory lock held
+until its commit) and reads the ledger again, so a retry waits for a zombie still loading
+and then reports ``already_loaded`` instead of colliding with its rows.
+
+By default the table lives in the destination table's own schema (a loader role that may
+create tables only there works).
 
 This module imports no Airflow module.
 """
@@ -25,6 +31,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from airflow_copyman._plan import TableName
 
 TABLE = "copyman_ledger"
 
@@ -70,47 +78,75 @@ class Entry:
 
 
 class Ledger:
-    """The ledger table in one schema of every destination database.
+    """The ledger table in the destination databases.
 
-    :param schema: the schema holding ``copyman_ledger``.
+    :param schema: the schema holding ``copyman_ledger``; None (the default of the
+        operator): the destination table's own schema, where a role allowed to load a
+        table can normally create one (PostgreSQL 15+ gives no CREATE on ``public``).
     :param key: the task instance and lineage this try records under.
     :param resume_on_clear: count rows of earlier lineages as loaded too (a cleared task
         then loads only what was never loaded for this DAG run).
     """
 
-    def __init__(self, schema: str, key: TaskKey, *, resume_on_clear: bool = False) -> None:
+    def __init__(
+        self, schema: str | None, key: TaskKey, *, resume_on_clear: bool = False
+    ) -> None:
         self.schema = schema
         self.key = key
         self.resume_on_clear = resume_on_clear
-        self.table = sql.Identifier(schema, TABLE)
 
     @property
     def name(self) -> str:
+        if self.schema is None:
+            return f"{TABLE} (in each destination table's schema)"
         return f"{self.schema}.{TABLE}"
+
+    def name_in(self, schema: str) -> str:
+        return f"{schema}.{TABLE}"
+
+    def schema_for(self, conn: psycopg.Connection[Any], table: TableName) -> str | None:
+        """The schema of the ledger for ``table``: the one given, else the table's own
+        (None while the table does not exist: nothing can have been loaded into it)."""
+        if self.schema is not None:
+            return self.schema
+        if table.schema is not None:
+            return table.schema
+        row = conn.execute(
+            "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+            [table.regclass_text],
+        ).fetchone()
+        return row[0] if row else None
 
     def _key_params(self, conn_id: str, destination: str) -> list[Any]:
         k = self.key
         return [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, destination]
 
     def lookup(
-        self, conn: psycopg.Connection[Any], conn_id: str, destination: str
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
     ) -> Entry | None:
         """This destination's row if it counts as loaded for this lineage. Ends the
         transaction it opens (the load gets a fresh one)."""
         try:
-            exists = conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{TABLE}"']
-            ).fetchone()
-            if not exists or not exists[0]:
-                return None
-            row = conn.execute(
-                sql.SQL("SELECT lineage, try_number, rows, bytes FROM {} WHERE " + _KEY).format(
-                    self.table
-                ),
-                self._key_params(conn_id, destination),
-            ).fetchone()
+            return self.read(conn, schema, conn_id, destination)
         finally:
             conn.rollback()
+
+    def read(
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
+    ) -> Entry | None:
+        """Like :meth:`lookup`, in the current transaction (which it leaves open)."""
+        exists = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", [_regclass(schema)]
+        ).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute(
+            sql.SQL("SELECT lineage, try_number, rows, bytes FROM {} WHERE " + _KEY).format(
+                sql.Identifier(schema, TABLE)
+            ),
+            self._key_params(conn_id, destination),
+        ).fetchone()
         if row is None:
             return None
         entry = Entry(row[0], row[1], row[2], row[3])
@@ -118,14 +154,28 @@ class Ledger:
             return None
         return entry
 
-    def ensure_table(self, conn: psycopg.Connection[Any]) -> None:
+    def claim(self, conn: psycopg.Connection[Any], conn_id: str, destination: str) -> None:
+        """Own this destination's load until the current transaction ends: a
+        transaction-scoped advisory lock on the ledger key. Another try of the lineage
+        loading it at the same time (a zombie and its retry) holds it until its commit;
+        this waits (as long as the connection's statements may), then the caller reads
+        the ledger again and finds that try's row."""
+        k = self.key
+        text = "\x1f".join(
+            [TABLE, k.dag_id, k.task_id, k.run_id, str(k.map_index), conn_id, destination]
+        )
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [text])
+
+    def ensure_table(self, conn: psycopg.Connection[Any], schema: str) -> None:
         """Create the ledger table if needed, in a short transaction of its own."""
         try:
             exists = conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", [f'"{self.schema}"."{TABLE}"']
+                "SELECT to_regclass(%s) IS NOT NULL", [_regclass(schema)]
             ).fetchone()
             if not (exists and exists[0]):
-                conn.execute(sql.SQL(_CREATE).format(table=self.table))  # type: ignore[arg-type]
+                conn.execute(
+                    sql.SQL(_CREATE).format(table=sql.Identifier(schema, TABLE))  # type: ignore[arg-type]
+                )
             conn.commit()
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
             # Another task created it at the same moment (CREATE TABLE IF NOT EXISTS races
@@ -136,8 +186,8 @@ class Ledger:
             raise
 
     def record(
-        self, conn: psycopg.Connection[Any], conn_id: str, destination: str, rows: int,
-        nbytes: int,
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
+        rows: int, nbytes: int,
     ) -> bool:
         """Write this destination's row in the current (load) transaction.
 
@@ -153,7 +203,11 @@ class Ledger:
                 " DO UPDATE SET lineage = EXCLUDED.lineage, try_number = EXCLUDED.try_number,"
                 " rows = EXCLUDED.rows, bytes = EXCLUDED.bytes, loaded_at = now()"
                 " WHERE l.lineage <> EXCLUDED.lineage RETURNING 1"
-            ).format(self.table),
+            ).format(sql.Identifier(schema, TABLE)),
             [*self._key_params(conn_id, destination), k.lineage, k.try_number, rows, nbytes],
         ).fetchone()
         return result is not None
+
+
+def _regclass(schema: str) -> str:
+    return ".".join('"' + p.replace('"', '""') + '"' for p in (schema, TABLE))

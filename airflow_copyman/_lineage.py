@@ -2,7 +2,8 @@
 
 Used only where ``apache-airflow-providers-openlineage`` is installed (its listener calls the
 operator's ``get_openlineage_facets_on_*``); without it every function returns None. A
-failure to build lineage must never fail the task, so everything here is defensive.
+failure to build lineage must never fail the task, and building it must never delay the
+task: it looks no connection up (see :func:`operator_lineage`).
 """
 
 from __future__ import annotations
@@ -17,16 +18,6 @@ if TYPE_CHECKING:
     from airflow_copyman.operators.copyman import CopyManOperator
 
 log = logging.getLogger(__name__)
-
-
-def _namespace_and_database(conn_id: str) -> tuple[str, str] | None:
-    from airflow_copyman.hooks.copyman import CopyManHook
-
-    try:
-        conn = CopyManHook(conn_id).check_connection()
-    except Exception:
-        return None
-    return f"postgres://{conn.host}:{conn.port or 5432}", conn.schema or "postgres"
 
 
 def _dataset_name(database: str, table: _plan.TableName) -> str:
@@ -54,6 +45,10 @@ def _query_inputs(query: str, namespace: str, database: str) -> list[Any]:
 
 
 def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -> Any:
+    """The operator's lineage. Built from what the task resolved itself (the report's
+    endpoints): never a connection look-up, which the OpenLineage listener's forked process
+    cannot always make (it blocks there until the listener's timeout). So the START event
+    (no report yet) carries the SQL only, and the datasets come with COMPLETE/FAIL."""
     try:
         from airflow.providers.common.compat.openlineage.facet import (
             InputDataset,
@@ -67,30 +62,27 @@ def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -
     try:
         inputs: list[Any] = []
         job_facets: dict[str, Any] = {}
-        source = _namespace_and_database(operator.source_conn_id)
-        if source is not None and isinstance(operator.sql, str):
+        endpoints = report.endpoints if report is not None else {}
+        parsed = _plan.Source.parse(operator.sql) if isinstance(operator.sql, str) else None
+        if parsed is not None and parsed.query is not None:
+            job_facets["sql"] = SQLJobFacet(query=parsed.query)
+        source = endpoints.get(operator.source_conn_id)
+        if source is not None and parsed is not None:
             namespace, database = source
-            parsed = _plan.Source.parse(operator.sql)
             if parsed.table is not None:
                 inputs.append(
                     InputDataset(namespace=namespace, name=_dataset_name(database, parsed.table))
                 )
             elif parsed.query is not None:
                 inputs.extend(_query_inputs(parsed.query, namespace, database))
-                job_facets["sql"] = SQLJobFacet(query=parsed.query)
-        results = {r.label: r for r in report.destinations} if report else {}
         outputs = []
-        for value in operator.destinations if isinstance(operator.destinations, list) else []:
-            conn_id, table_text = value.get("conn_id"), value.get("table")
-            if not isinstance(conn_id, str) or not isinstance(table_text, str):
-                continue
-            table = _plan.TableName.parse(table_text)
-            where = _namespace_and_database(conn_id)
+        for result in report.destinations if report is not None else []:
+            table = _plan.TableName.parse(result.table)
+            where = endpoints.get(result.conn_id)
             if table is None or where is None:
                 continue
-            result = results.get(f"{conn_id}:{table_text.strip()}")
             facets: dict[str, Any] = {}
-            if result is not None and result.status in ("loaded", "already_loaded"):
+            if result.status in ("loaded", "already_loaded"):
                 facets["outputStatistics"] = OutputStatisticsOutputDatasetFacet(
                     rowCount=result.rows, size=result.bytes
                 )

@@ -12,9 +12,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import pq
 
-from airflow_copyman import _classify, _estimate, _identity, _names, _plan, _readonly, copyman
+from airflow_copyman import (
+    _arguments,
+    _bounded,
+    _classify,
+    _estimate,
+    _identity,
+    _names,
+    _plan,
+    _readonly,
+    copyman,
+)
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -37,6 +46,8 @@ class Target:
         self.conn: psycopg.Connection[Any] | None = None
         self.receiver: copyman.StatementReceiver | None = None
         self.started = 0.0
+        #: The schema of its ledger table (once known).
+        self.ledger_schema: str | None = None
 
     @property
     def pending(self) -> bool:
@@ -66,12 +77,28 @@ class Transfer:
         self.hook = source
         self.log = source.log
         self.sql = sql
+        # Every argument is checked before any connection is used.
+        try:
+            _arguments.sql(sql)
+            _arguments.parameters(parameters)
+            _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
+            _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
+                raise _arguments.ArgumentError(
+                    f"destinations must be a list, got {type(destinations).__name__}"
+                )
+            self.requested_format = _plan.normalize_format(format)
+        except (_arguments.ArgumentError, _plan.PlanError) as exc:
+            raise CopyManConfigError(f"{exc}") from None
+        if ledger is not None:
+            try:
+                _arguments.ledger_schema(ledger.schema)
+            except _arguments.ArgumentError as exc:
+                raise CopyManConfigError(f"{exc}") from None
         self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
         self.parameters = parameters or None
-        try:
-            self.requested_format = _plan.normalize_format(format)
-        except _plan.PlanError as exc:
-            raise CopyManConfigError(str(exc)) from None
+        #: The deadline of every statement, and the flag that stops the transfer.
+        self.bounds = _bounded.Bounds(receiver_timeout)
         self.ledger = ledger
         self.on_commit = on_commit
         self.progress_interval = progress_interval
@@ -88,6 +115,7 @@ class Transfer:
         self.source_bytes = 0
         self.estimate: _estimate.SizeEstimate | None = None
         self.secrets: list[str] = []
+        self.endpoints: dict[str, tuple[str, str]] = {}
         try:
             self.source = _plan.Source.parse(sql)
         except _plan.PlanError as exc:
@@ -102,16 +130,23 @@ class Transfer:
         self._resolve()
         try:
             self._connect()
-            if self.ledger is not None:
+            if self.ledger is not None and self._go_on():
                 self._check_ledger()
-            if any(t.pending for t in self.targets):
+            if self._go_on():
                 self._plan()
-            if self.ledger is not None and any(t.pending for t in self.targets):
+            if self.ledger is not None and self._go_on():
                 self._prepare_ledger()
-            if any(t.pending for t in self.targets):
+            if self._go_on():
                 self._load()
+        except copyman.Cancelled as exc:
+            # A statement was cancelled because the transfer was asked to stop.
+            for target in self._pending():
+                self._fail(target, exc, "stopped")
         finally:
             self._close()
+        if self.cancelled:
+            for target in self._pending():
+                self._fail(target, copyman.Cancelled("the transfer was stopped"), "stopped")
         if self.interrupt is not None:
             raise self.interrupt
         report = self._report(time.monotonic() - started)
@@ -127,6 +162,7 @@ class Transfer:
         except CopyManConfigError as exc:
             errors.append(f"source: {exc}")
         self.secrets.extend(self.hook.secrets)
+        self._endpoint(self.hook)
         for i, spec in enumerate(self.specs):
             where = f"destination #{i + 1} ({spec.conn_id}, table {spec.table})"
             target = Target(spec, CopyManHook(spec.conn_id))
@@ -139,6 +175,7 @@ class Transfer:
                 errors.append(f"{where}: {exc}")
                 continue
             self.secrets.extend(target.hook.secrets)
+            self._endpoint(target.hook)
             key = (spec.conn_id, str(target.table))
             if key in seen:
                 errors.append(f"{where}: the same table is destination #{seen[key] + 1} too")
@@ -146,29 +183,52 @@ class Transfer:
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
 
-    def _connect(self) -> None:
-        """Connect everywhere; a connection refused for good (bad password, no such
-        database, invalid option) is bad input, one that may come back fails its side."""
-        errors = []
-        source_error: psycopg.Error | None = None
+    def _endpoint(self, hook: CopyManHook) -> None:
+        """Keep where a connection points (for lineage: no second look-up later)."""
         try:
-            self.src = self.hook.get_conn()
+            conn = hook.connection
+            self.endpoints[hook.conn_id] = (
+                f"postgres://{conn.host}:{conn.port or 5432}",
+                hook.database or conn.schema or "postgres",
+            )
+        except Exception:  # lineage is best effort
+            pass
+
+    def _connect(self) -> None:
+        """Connect everywhere at once (each bounded by its connect_timeout); a connection
+        refused for good (bad password, no such database, SSL refused, invalid option) is
+        bad input, one that may come back fails its side."""
+        errors = []
+        source_error: BaseException | None = None
+        hooks = [self.hook, *(t.hook for t in self.targets)]
+        results = _bounded.connect_all([h.get_conn for h in hooks], self.bounds.stop)
+        src_result, *target_results = results
+        if not isinstance(src_result, BaseException):
+            self.src = self._bind(src_result)
             _readonly.begin(self.src)
-        except psycopg.Error as exc:
-            if _classify.is_permanent(exc):
-                errors.append(f"source {self.hook.describe()}: {_classify.describe(exc)}")
-            source_error = exc
-        for i, target in enumerate(self.targets):
-            try:
-                target.conn = target.hook.get_conn()
-            except psycopg.Error as exc:
-                if _classify.is_permanent(exc):
+        for target, result in zip(self.targets, target_results, strict=True):
+            if not isinstance(result, BaseException):
+                target.conn = self._bind(result)
+        for result in results:
+            # Not a connection failure (an IAM token that cannot be had, say): raised as
+            # is, after the connections made were kept for _close.
+            if isinstance(result, BaseException) and not isinstance(
+                result, psycopg.Error | copyman.Cancelled
+            ):
+                raise result
+        if isinstance(src_result, BaseException):
+            if _classify.is_permanent(src_result):
+                errors.append(f"source {self.hook.describe()}: {_classify.describe(src_result)}")
+            source_error = src_result
+        for i, (target, result) in enumerate(zip(self.targets, target_results, strict=True)):
+            if isinstance(result, BaseException):
+                if _classify.is_permanent(result):
                     errors.append(
                         f"destination #{i + 1} ({target.hook.describe()}): "
-                        f"{_classify.describe(exc)}"
+                        f"{_classify.describe(result)}"
                     )
                 else:
-                    self._fail(target, exc, "connecting")
+                    self._fail(target, result, "connecting")
         if errors:
             raise CopyManConfigError(self._redact("; ".join(errors)))
         self._log_connections()
@@ -189,12 +249,30 @@ class Transfer:
             ", ".join(held) or "-",
         )
 
+    def _bind(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        """Put the connection's statements under this transfer's deadline and stop."""
+        if isinstance(conn, _bounded.BoundedConnection):
+            conn.bounds = self.bounds
+        return conn
+
+    def _go_on(self) -> bool:
+        return not self.cancelled and any(t.pending for t in self.targets)
+
     def _check_ledger(self) -> None:
         assert self.ledger is not None
+        skipped = 0
         for target in self._pending():
-            assert target.conn is not None
+            assert target.conn is not None and target.table is not None
             try:
-                entry = self.ledger.lookup(target.conn, target.spec.conn_id, str(target.table))
+                schema = self.ledger.schema_for(target.conn, target.table)
+                target.ledger_schema = schema
+                entry = None
+                if schema is not None:
+                    entry = self.ledger.lookup(
+                        target.conn, schema, target.spec.conn_id, str(target.table)
+                    )
+                else:
+                    target.conn.rollback()
             except psycopg.Error as exc:
                 if _classify.is_permanent(exc):
                     raise self._config_error(
@@ -204,6 +282,13 @@ class Transfer:
                 continue
             if entry is not None:
                 self._already_loaded(target, entry)
+                skipped += 1
+        self.log.info(
+            "Ledger %s: %d destination(s) already loaded (skipped), %d to load",
+            self.ledger.name,
+            skipped,
+            len(self._pending()),
+        )
 
     def _plan(self) -> None:
         assert self.src is not None
@@ -317,15 +402,24 @@ class Transfer:
         assert self.ledger is not None
         errors = []
         for target in self._pending():
-            assert target.conn is not None
+            assert target.conn is not None and target.table is not None
+            schema = target.ledger_schema
             try:
-                self.ledger.ensure_table(target.conn)
+                if schema is None:
+                    schema = self.ledger.schema_for(target.conn, target.table)
+                    target.ledger_schema = schema
+                if schema is None:  # pragma: no cover - planning found the table
+                    raise _plan.PlanError(f"table {target.table} does not exist")
+                self.ledger.ensure_table(target.conn, schema)
+            except _plan.PlanError as exc:
+                errors.append(f"{target.label}: {exc}")
             except psycopg.Error as exc:
                 if _classify.is_permanent(exc):
                     errors.append(
                         f"{target.spec.conn_id}: cannot create the ledger table "
-                        f"{self.ledger.name} ({_classify.describe(exc)}); set ledger_schema to "
-                        "a schema the connection may write, or None to keep no ledger"
+                        f"{self.ledger.name_in(schema or '?')} ({_classify.describe(exc)}); "
+                        "set ledger_schema to a schema the connection may write, or "
+                        "ledger=False to keep no ledger"
                     )
                 else:
                     self._fail(target, exc, "creating the ledger table")
@@ -336,10 +430,10 @@ class Transfer:
         """Open each destination's transaction, run the copy, commit what completed."""
         assert self.src is not None and self.format is not None
         while True:
-            loading = []
-            for target in self._pending():
-                if self._begin(target):
-                    loading.append(target)
+            # Every claim first, then the TRUNCATEs: waiting for another try's claim must
+            # not hold a TRUNCATE lock on a table taken before it.
+            claimed = [t for t in self._pending() if self._claim(t)]
+            loading = [t for t in claimed if self._begin(t)]
             if not loading or self.cancelled:
                 for target in loading:
                     self._fail(target, copyman.Cancelled("the task was killed"), "starting")
@@ -352,20 +446,47 @@ class Transfer:
             break
         self._commit([t for t in loading if t.pending])
 
-    def _begin(self, target: Target) -> bool:
-        """The destination's load transaction, up to the COPY: TRUNCATE, preoperator."""
+    def _claim(self, target: Target) -> bool:
+        """Open the destination's load transaction, owning the load first: another try of
+        this lineage loading it now (a zombie) holds the claim until its commit, and its
+        ledger row shows then. False if the destination is loaded or failed."""
         conn = target.conn
         assert conn is not None and target.table is not None
         try:
             conn.rollback()
+            if self.ledger is None or target.ledger_schema is None:
+                return True
+            self.ledger.claim(conn, target.spec.conn_id, str(target.table))
+            entry = self.ledger.read(
+                conn, target.ledger_schema, target.spec.conn_id, str(target.table)
+            )
+        except psycopg.Error as exc:
+            doing = "claiming the load"
+            if isinstance(exc, _bounded.StatementTimeout):
+                doing += " (another try of this task is loading it)"
+            self._fail(target, exc, doing)
+            self._rollback(target)
+            return False
+        if entry is not None:
+            self._rollback(target)
+            self._already_loaded(target, entry)
+            return False
+        return True
+
+    def _begin(self, target: Target) -> bool:
+        """The load transaction, up to the COPY: TRUNCATE, preoperator."""
+        conn = target.conn
+        assert conn is not None and target.table is not None
+        try:
             if target.spec.truncate:
                 conn.execute(
                     psycopg.sql.SQL("TRUNCATE TABLE {}").format(target.table.identifier)
                 )
-            for statement in target.spec.preoperator:
+            for statement in target.spec.statements:
                 conn.execute(statement)  # type: ignore[call-overload]
         except psycopg.Error as exc:
             self._fail(target, exc, "running truncate/preoperator")
+            self._rollback(target)
             return False
         target.started = time.monotonic()
         return True
@@ -482,6 +603,19 @@ class Transfer:
             # The copy was interrupted by something that is not a failure of the copy (the
             # task's execution_timeout, KeyboardInterrupt...): roll back, then re-raise it.
             self.interrupt = cause
+        source_error: BaseException | None = exc.producer_fault
+        if isinstance(cause, copyman.ProducerFault) and isinstance(cause.__cause__, Exception):
+            # The server's own error (its SQLSTATE says whether a retry helps), not one the
+            # engine met afterwards while aborting the source's COPY.
+            source_error = cause.__cause__
+        if source_error is not None and not self.cancelled:
+            # The source failed: name it, with the server's own words; the destinations
+            # only stopped because of it (what their aborts met says nothing more).
+            for failed in receivers.values():
+                if failed.pending:
+                    self._fail(
+                        failed, source_error, f"source {self.hook.describe()} failed while copying"
+                    )
         for receiver, error in exc.receiver_faults.items():
             target = receivers.get(receiver)
             if target is not None and target.pending:
@@ -489,12 +623,6 @@ class Transfer:
         reason: BaseException = exc
         if self.cancelled or isinstance(cause, copyman.Cancelled):
             reason = copyman.Cancelled("the task was killed; the copy was cancelled")
-        elif isinstance(cause, copyman.ProducerFault) and isinstance(cause.__cause__, Exception):
-            # The server's own error (its SQLSTATE says whether a retry helps), not one the
-            # engine met afterwards while aborting the source's COPY.
-            reason = cause.__cause__
-        elif exc.producer_fault is not None:
-            reason = exc.producer_fault
         for target in receivers.values():
             if target.pending:
                 self._fail(target, reason, "copying")
@@ -502,8 +630,12 @@ class Transfer:
             self._rollback(target)
 
     def _commit(self, loading: list[Target]) -> None:
+        """Record each complete destination in its ledger, then COMMIT them all at once:
+        the COMMITs go out together and their replies are waited for together, so one
+        destination slow to answer never holds the others (nor their locks)."""
         producer = self.producer
         assert producer is not None
+        ready: list[Target] = []
         for target in loading:
             conn, receiver = target.conn, target.receiver
             assert conn is not None and receiver is not None and target.table is not None
@@ -519,24 +651,44 @@ class Transfer:
                 self._rollback(target)
                 continue
             try:
-                if self.ledger is not None and not self.ledger.record(
-                    conn, target.spec.conn_id, str(target.table), rows, nbytes
-                ):
-                    conn.rollback()
-                    entry = self.ledger.lookup(conn, target.spec.conn_id, str(target.table))
-                    self.log.warning(
-                        "%s: another try of this task loaded it meanwhile; rolled back this "
-                        "copy",
-                        target.label,
-                    )
-                    if entry is not None:
-                        self._already_loaded(target, entry)
-                        continue
-                    raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
-                conn.commit()
+                if self.ledger is not None and target.ledger_schema is not None:
+                    schema, label = target.ledger_schema, str(target.table)
+                    if not self.ledger.record(
+                        conn, schema, target.spec.conn_id, label, rows, nbytes
+                    ):
+                        conn.rollback()
+                        entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label)
+                        self.log.warning(
+                            "%s: another try of this task loaded it meanwhile; rolled back "
+                            "this copy",
+                            target.label,
+                        )
+                        if entry is not None:
+                            self._already_loaded(target, entry)
+                            continue
+                        raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
+            except copyman.Cancelled as exc:
+                self._fail(target, exc, "committing")
+                self._rollback(target)
+                continue
             except psycopg.Error as exc:
                 self._fail(target, exc, "committing")
-                if isinstance(exc, psycopg.OperationalError):
+                self._rollback(target)
+                continue
+            ready.append(target)
+        if self.cancelled:
+            for target in ready:
+                self._fail(target, copyman.Cancelled("the task was killed"), "committing")
+                self._rollback(target)
+            return
+        conns = [t.conn for t in ready]
+        outcomes = _bounded.commit_all(
+            conns, self.receiver_timeout, self.bounds.stop  # type: ignore[arg-type]
+        )
+        for target, error in zip(ready, outcomes, strict=True):
+            if error is not None:
+                self._fail(target, error, "committing")
+                if isinstance(error, psycopg.OperationalError):
                     target.result.error = (target.result.error or "") + (
                         " (the commit's outcome is unknown; the next try reads the ledger)"
                         if self.ledger is not None
@@ -544,48 +696,51 @@ class Transfer:
                     )
                 self._rollback(target)
                 continue
-            result = target.result
-            result.status = "loaded"
-            result.rows, result.bytes = rows, nbytes
-            result.try_number = self.ledger.key.try_number if self.ledger else None
-            result.seconds = time.monotonic() - target.started
-            self.log.info("%s: committed %d rows", target.label, rows)
-            if self.on_commit is not None:
-                try:
-                    self.on_commit(result)
-                except Exception as exc:
-                    # The ledger (if any) holds the truth; the callback only mirrors it.
-                    self.log.warning(
-                        "%s: recording the load failed: %s",
-                        target.label,
-                        _classify.describe(exc, self.secrets),
-                    )
+            self._committed(target)
+
+    def _committed(self, target: Target) -> None:
+        receiver = target.receiver
+        assert receiver is not None and receiver.server_rows is not None
+        result = target.result
+        result.status = "loaded"
+        result.rows, result.bytes = receiver.server_rows, receiver.bytes
+        result.try_number = self.ledger.key.try_number if self.ledger else None
+        result.seconds = time.monotonic() - target.started
+        self.log.info("%s: committed %d rows", target.label, result.rows)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(result)
+            except Exception as exc:
+                # The ledger (if any) holds the truth; the callback only mirrors it.
+                self.log.warning(
+                    "%s: recording the load failed: %s",
+                    target.label,
+                    _classify.describe(exc, self.secrets),
+                )
 
     def _close(self) -> None:
         for conn in [self.src, *(t.conn for t in self.targets)]:
             if conn is None or conn.closed:
                 continue
+            if isinstance(conn, _bounded.BoundedConnection):
+                # Cleaning up must not wait long: a rollback is quick where the server is
+                # there, and a connection that cannot roll back is closed anyway.
+                conn.bounds = _bounded.Bounds(min(self.receiver_timeout, _bounded.CANCEL_WAIT))
             with contextlib.suppress(Exception):
                 conn.rollback()
             with contextlib.suppress(Exception):
                 conn.close()
 
-    # Cancel (from on_kill: a signal handler on the task's main thread).
+    # Stop (from on_kill: a signal handler). It only asks: the thread running the transfer
+    # sends the servers' cancels itself (_bounded, the engine's loop), then reads each
+    # statement's end, so a cancel can never hit a later statement.
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.bounds.stop.set()
         manager = self.manager
         if manager is not None:
             manager.cancel()
-            return
-        # Outside the copy, a statement may be running (a preoperator, a TRUNCATE waiting
-        # for its lock): cancel whatever is in flight.
-        for conn in [self.src, *(t.conn for t in self.targets)]:
-            if conn is None or conn.closed:
-                continue
-            if conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
-                with contextlib.suppress(Exception):
-                    conn.cancel_safe(timeout=2.0)
 
     # Bookkeeping.
 
@@ -647,7 +802,7 @@ class Transfer:
             done = [r for r in results if r.rows is not None]
             rows = max((r.rows or 0 for r in done), default=0)
             nbytes = max((r.bytes or 0 for r in done), default=0)
-        return TransferReport(rows, nbytes, self.format, seconds, results)
+        return TransferReport(rows, nbytes, self.format, seconds, results, self.endpoints)
 
     def _log_progress(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import psycopg
-from psycopg import ClientCursor, pq, sql
+from psycopg import ClientCursor, generators, pq, sql
 
 from airflow_copyman import _names
 
@@ -243,10 +243,14 @@ def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
     statement), so any query COPY accepts is described as COPY will see it."""
     pgconn = conn.pgconn
     encoding = conn.info.encoding
-    result = pgconn.prepare(b"", text.encode(encoding))
+    # Sent, then waited for through the connection's own wait (deadline-bounded and
+    # stoppable on a transfer's connections): libpq's blocking calls would wait forever.
+    pgconn.send_prepare(b"", text.encode(encoding))
+    (result,) = conn.wait(generators.execute(pgconn))
     if result.status != pq.ExecStatus.COMMAND_OK:
         raise psycopg.errors.error_from_result(result, encoding=encoding)
-    result = pgconn.describe_prepared(b"")
+    pgconn.send_describe_prepared(b"")
+    (result,) = conn.wait(generators.execute(pgconn))
     if result.status != pq.ExecStatus.COMMAND_OK:
         raise psycopg.errors.error_from_result(result, encoding=encoding)
     fields = [

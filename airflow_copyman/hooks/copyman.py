@@ -21,8 +21,9 @@ import psycopg
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from psycopg.rows import tuple_row
+from psycopg.types.json import register_default_adapters
 
-from airflow_copyman import _plan, _session, copyman
+from airflow_copyman import _bounded, _plan, _session, copyman
 from airflow_copyman._destinations import (
     DESTINATION_KEYS,
     CopyManConfigError,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APPLICATION_NAME",
+    "CONNECT_TIMEOUT",
     "DESTINATION_KEYS",
     "POSTGRES_CONN_TYPES",
     "PROGRESS_INTERVAL",
@@ -58,6 +60,8 @@ POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
 #: ``application_name`` given to the hook's connections unless the connection sets one, so
 #: that a DBA can tell CopyMan's sessions in ``pg_stat_activity``.
 APPLICATION_NAME = "airflow-copyman"
+#: Seconds to wait for a connection whose ``connect_timeout`` is not set.
+CONNECT_TIMEOUT = _bounded.CONNECT_TIMEOUT
 #: Seconds between two progress lines in the task log.
 PROGRESS_INTERVAL = 5.0
 
@@ -154,7 +158,14 @@ class CopyManHook(PostgresHook):
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        return super()._create_connection(_session.connect_args(conn_args))
+        # Bounded waits (airflow_copyman._bounded): a default connect_timeout, and a
+        # connection class whose statements a transfer can bound and stop.
+        conn_args = _bounded.connect_args(_session.connect_args(conn_args))
+        conn = _bounded.BoundedConnection.connect(**conn_args)
+        register_default_adapters(conn)
+        if self.enable_log_db_messages:
+            conn.add_notice_handler(self._notice_handler)
+        return conn
 
     # The transfer.
 
@@ -169,6 +180,7 @@ class CopyManHook(PostgresHook):
         on_commit: Callable[[DestinationResult], None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
+        raise_on_failure: bool = True,
     ) -> TransferReport:
         """Copy the rows of ``sql`` (a query or a table name) from this hook's connection
         into every destination, in one pass over the source.
@@ -179,8 +191,14 @@ class CopyManHook(PostgresHook):
         records as loaded (for this lineage) are skipped, and each commit records itself
         atomically with its data.
 
+        Every wait is bounded: connecting by the connection's ``connect_timeout`` (default
+        :data:`CONNECT_TIMEOUT`), every statement and the copy by ``receiver_timeout``.
+
         :raises CopyManConfigError: bad input, found before any destination was written.
-        :returns: the report; the caller decides what the failures mean.
+        :raises CopyManDestinationsFailed: a destination failed (``CopyManPermanentFailure``,
+            an ``AirflowFailException``, when no retry can fix any failure); the report is
+            its ``report``. With ``raise_on_failure=False`` the report is returned instead.
+        :returns: the report.
         """
         from airflow_copyman._load import Transfer  # here: _load imports this module
 
@@ -191,13 +209,19 @@ class CopyManHook(PostgresHook):
         )
         self._transfer = run
         try:
-            return run.run()
+            report = run.run()
         finally:
             self._transfer = None
+        if raise_on_failure and report.failed:
+            from airflow_copyman._outcome import failure_of
+
+            raise failure_of(report)
+        return report
 
     def cancel(self) -> None:
-        """Cancel the running transfer at once (safe from a signal handler): every COPY and
-        statement in flight is cancelled and nothing more is committed."""
+        """Stop the running transfer (safe from a signal handler): it only asks; the
+        transfer's own loop cancels every COPY and statement in flight on the servers and
+        commits nothing more."""
         run = self._transfer
         if run is not None:
             run.cancel()

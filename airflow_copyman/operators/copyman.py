@@ -17,36 +17,40 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _plan
+from airflow_copyman import _arguments, _plan
 from airflow_copyman._destinations import (
     CopyManConfigError,
-    CopyManError,
     Destination,
     DestinationResult,
     TransferReport,
     destinations_from,
 )
 from airflow_copyman._ledger import Ledger, TaskKey
+from airflow_copyman._outcome import (
+    CopyManDestinationsFailed,
+    CopyManPermanentFailure,
+    failure_of,
+)
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+__all__ = [
+    "LEDGER_SCHEMA",
+    "STATE_KEY",
+    "CopyManDestinationsFailed",
+    "CopyManOperator",
+    "CopyManPermanentFailure",
+]
+
 #: The ``task_state_store`` key holding the lineage and the destinations it loaded.
 STATE_KEY = "copyman"
-#: Default schema of the ledger table in each destination database.
-LEDGER_SCHEMA = "public"
-
-
-class CopyManDestinationsFailed(CopyManError):
-    """Some destinations failed with errors a retry may fix: the task retries, and the
-    next try loads only them."""
-
-
-class CopyManPermanentFailure(CopyManError, AirflowFailException):
-    """Every failure is one that no retry can fix: the task fails without retrying."""
+#: Default schema of the ledger table: None, the destination table's own schema (a role
+#: that may create tables only there, as PostgreSQL 15+ gives no CREATE on ``public``).
+LEDGER_SCHEMA = None
 
 
 class CopyManOperator(BaseOperator):
@@ -75,14 +79,17 @@ class CopyManOperator(BaseOperator):
         they differ is refused before any data moves.
     :param parameters: query parameters for ``sql`` (``%s`` / ``%(name)s``). (templated)
     :param ledger_schema: the schema of the ``copyman_ledger`` table created in each
-        destination database; None keeps no ledger and relies on ``task_state_store`` only
+        destination database; None (the default): the destination table's own schema.
+    :param ledger: keep the ledger (default); False relies on ``task_state_store`` only
         (then a try that dies between a commit and its bookkeeping may load that
         destination again on the next try).
     :param resume_on_clear: when the task is cleared and run again for the same DAG run,
         load only the destinations that were never loaded (default: load all again, as a
         re-run normally does).
     :param progress_interval: seconds between two progress lines in the log.
-    :param receiver_timeout: seconds a destination may accept no data before it fails.
+    :param receiver_timeout: seconds a source or destination may move nothing before it
+        fails; every statement the task runs itself (ledger, planning, truncate,
+        preoperators, commits) must answer within it too.
     """
 
     template_fields: Sequence[str] = ("source_conn_id", "sql", "destinations", "parameters")
@@ -103,6 +110,7 @@ class CopyManOperator(BaseOperator):
         format: str | None = None,
         parameters: Sequence[Any] | Mapping[str, Any] | None = None,
         ledger_schema: str | None = LEDGER_SCHEMA,
+        ledger: bool = True,
         resume_on_clear: bool = False,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
@@ -115,6 +123,7 @@ class CopyManOperator(BaseOperator):
         self.format = format
         self.parameters = parameters
         self.ledger_schema = ledger_schema
+        self.ledger = ledger
         self.resume_on_clear = resume_on_clear
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
@@ -122,10 +131,22 @@ class CopyManOperator(BaseOperator):
         self._killed = False
         self._report: TransferReport | None = None
         # Check what can be checked before templates are rendered: a DAG with bad
-        # arguments fails when it is parsed, not when it runs.
+        # arguments fails when it is parsed, not when it runs. Templated values are
+        # checked after rendering, before any connection is used.
         try:
             _plan.normalize_format(format)
-        except _plan.PlanError as exc:
+            if not _arguments.is_deferred(sql):
+                _arguments.sql(sql)
+            _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
+            _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            if not _arguments.is_deferred(parameters):
+                _arguments.parameters(parameters)
+            _arguments.ledger_schema(ledger_schema)
+            if not isinstance(ledger, bool):
+                raise _arguments.ArgumentError(
+                    f"ledger must be true or false, got {type(ledger).__name__}"
+                )
+        except (_plan.PlanError, _arguments.ArgumentError) as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
         if isinstance(sql, str) and _plan.is_copy_statement(sql):
             raise ValueError(
@@ -136,9 +157,23 @@ class CopyManOperator(BaseOperator):
             if not destinations:
                 raise ValueError(f"{self.task_id}: destinations is empty: give at least one")
             try:
-                destinations_from(destinations)
+                destinations_from(destinations, rendered=False)
             except CopyManConfigError as exc:
                 raise ValueError(f"{self.task_id}: {exc}") from None
+
+    def render_template(
+        self,
+        content: Any,
+        context: Any,
+        jinja_env: Any = None,
+        seen_oids: set[int] | None = None,
+    ) -> Any:
+        # Destination objects are templated like mappings; frozen, so rebuilt, not set.
+        if isinstance(content, Destination):
+            return content.rendered(
+                lambda value: self.render_template(value, context, jinja_env, seen_oids)
+            )
+        return super().render_template(content, context, jinja_env, seen_oids)
 
     # Execution.
 
@@ -146,6 +181,9 @@ class CopyManOperator(BaseOperator):
         ti = context["ti"]
         try:
             specs = self._destination_specs()
+            _arguments.parameters(self.parameters)  # rendered now
+        except _arguments.ArgumentError as exc:
+            raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
             raise CopyManPermanentFailure(str(exc)) from None
         store = context.get("task_state_store")
@@ -153,7 +191,7 @@ class CopyManOperator(BaseOperator):
         map_index = ti.map_index if ti.map_index is not None else -1
         key = TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, state.lineage, ti.try_number)
         ledger = None
-        if self.ledger_schema:
+        if self.ledger:
             ledger = Ledger(self.ledger_schema, key, resume_on_clear=self.resume_on_clear)
         # Without a ledger, the state store is the record of what was loaded.
         skipped: dict[str, DestinationResult] = {}
@@ -167,14 +205,18 @@ class CopyManOperator(BaseOperator):
                         entry.try_number,
                     )
         pending = [s for s in specs if s.label not in skipped]
-        self.log.info(
-            "Try %d, lineage %s: %d destination(s) to load, %d already loaded%s",
-            ti.try_number,
-            state.lineage,
-            len(pending),
-            len(skipped),
-            f" (ledger {ledger.name})" if ledger else " (no ledger: task_state_store only)",
-        )
+        if ledger is None:
+            self.log.info(
+                "Try %d, lineage %s: %d destination(s) to load, %d already loaded "
+                "(no ledger: task_state_store only)",
+                ti.try_number, state.lineage, len(pending), len(skipped),
+            )
+        else:
+            # The ledger is read once connected: the transfer logs what it skips.
+            self.log.info(
+                "Try %d, lineage %s: %d destination(s); the ledger %s says which are loaded",
+                ti.try_number, state.lineage, len(pending), ledger.name,
+            )
         hook = CopyManHook(self.source_conn_id)
         self._hook = hook
         report: TransferReport
@@ -191,6 +233,7 @@ class CopyManOperator(BaseOperator):
                     on_commit=lambda result: state.record(result, ti.try_number),
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
+                    raise_on_failure=False,
                 )
             else:
                 report = TransferReport(0, 0, None, 0.0, [])
@@ -211,7 +254,7 @@ class CopyManOperator(BaseOperator):
             raise AirflowException("the task was killed: nothing was committed after the kill")
         failed = report.failed
         if failed:
-            raise self._failure(report)
+            raise failure_of(report)
         result = report.as_dict()
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
@@ -238,7 +281,11 @@ class CopyManOperator(BaseOperator):
             )
         if not destinations:
             raise CopyManConfigError("destinations is empty: give at least one")
-        if isinstance(self.sql, str) and _plan.is_copy_statement(self.sql):
+        try:
+            _arguments.sql(self.sql)
+        except _arguments.ArgumentError as exc:
+            raise CopyManConfigError(str(exc)) from None
+        if _plan.is_copy_statement(self.sql):
             raise CopyManConfigError(
                 "sql must be a query or a table name, not a COPY statement: the operator "
                 "builds the COPY itself"
@@ -255,37 +302,6 @@ class CopyManOperator(BaseOperator):
                     f"{r.label}={r.rows}" for r in report.destinations if r.status != "failed"
                 ),
             )
-
-    def _failure(self, report: TransferReport) -> CopyManError:
-        failed = report.failed
-        permanent = all(r.permanent for r in failed)
-        lines = [
-            f"{len(failed)} of {len(report.destinations)} destination(s) failed"
-            + (
-                " with errors no retry can fix"
-                if permanent
-                else "; the next try loads only the failed ones"
-            )
-            + ":"
-        ]
-        lines += [
-            f"  {r.label}: {r.error} ({'permanent' if r.permanent else 'transient'})"
-            for r in failed
-        ]
-        done = [r for r in report.destinations if r.status != "failed"]
-        if done:
-            lines.append(
-                "Loaded: "
-                + ", ".join(
-                    f"{r.label} ({r.rows} rows"
-                    + (", by an earlier try)" if r.status == "already_loaded" else ")")
-                    for r in done
-                )
-            )
-        message = "\n".join(lines)
-        if permanent:
-            return CopyManPermanentFailure(message)
-        return CopyManDestinationsFailed(message)
 
     # OpenLineage (used only where apache-airflow-providers-openlineage is installed).
 

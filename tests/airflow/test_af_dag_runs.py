@@ -162,7 +162,8 @@ CREATE TRIGGER kill_me BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION kil
 
 
 def test_backend_dies_mid_copy_then_retry_loads_only_it(
-    pg: PgServers, monkeypatch: pytest.MonkeyPatch, events: Events
+    pg: PgServers, monkeypatch: pytest.MonkeyPatch, events: Events,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     src = pg.database(pg.src, "rsrc")
     create_orders(src, 20_000)
@@ -176,6 +177,10 @@ def test_backend_dies_mid_copy_then_retry_loads_only_it(
 
     assert run.state == "success"
     assert run.tis["retry_once"] == ("success", 2)
+    # The log says what the ledger skips, on each try.
+    out, _ = capfd.readouterr()
+    assert "0 destination(s) already loaded (skipped), 3 to load" in out
+    assert "2 destination(s) already loaded (skipped), 1 to load" in out
     (retry,) = events.of("retry_once")
     assert retry["event"] == "retry" and retry["try_number"] == 1
     assert retry["exception"] == "CopyManDestinationsFailed"
@@ -224,6 +229,8 @@ def test_permanent_errors_and_bad_input_fail_at_once(
     d2.execute("CREATE TABLE orders_narrow (id bigint, day date, customer text)")
     _point(monkeypatch, pg_src=src, pg_d1=d1, pg_d2=d2)
     monkeypatch.setenv("AIRFLOW_CONN_NOT_PG", "mysql://shop:mysql-secret-pw@db.example:3306/shop")
+    # The test servers run without SSL: requiring it is refused, for good.
+    monkeypatch.setenv("AIRFLOW_CONN_PG_SSL", d2.uri() + "?sslmode=require")
 
     run = run_dag(DAG_FILE, "copyman_test_failures")
 
@@ -242,6 +249,8 @@ def test_permanent_errors_and_bad_input_fail_at_once(
                             "the source has 9 columns", "the destination 3"],
         "bad_sql": ["source pg_src", "SyntaxError [42601]"],
         "leaky_preoperator": ["pg_d2:orders", "RaiseException [P0001]: leak ***"],
+        "templated_bad_parameters": ["parameters must be a list", "the string '5'"],
+        "ssl_refused": ["destination #2 (pg_ssl", "SSL"],
     }
     for task_id, fragments in expected_messages.items():
         assert run.tis[task_id] == ("failed", 1), task_id

@@ -137,6 +137,8 @@ def test_binary_only_for_identical_portable_types() -> None:
         (psycopg.OperationalError('connection failed: FATAL:  database "x" does not exist'),
          True),
         (psycopg.ProgrammingError('invalid connection option "foo"'), True),
+        (psycopg.OperationalError("connection failed: server does not support SSL, but SSL "
+                                  "was required"), True),
         (copyman.RowCountMismatch("x"), True),
         (copyman.ReceiverTimeout("x"), False),
         (copyman.Cancelled("x"), False),
@@ -243,13 +245,12 @@ def test_airflow_providers_list_shows_the_package() -> None:
 
 def test_openlineage_facets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Input: the source; outputs: each destination with its row count (where the
-    OpenLineage provider is installed)."""
+    OpenLineage provider is installed). Built from what the task resolved: no connection
+    is looked up (none is defined here), and START carries the SQL only."""
     pytest.importorskip("airflow.providers.openlineage")
     from airflow_copyman.hooks.copyman import DestinationResult, TransferReport
     from airflow_copyman.operators.copyman import CopyManOperator
 
-    monkeypatch.setenv("AIRFLOW_CONN_OL_SRC", "postgresql://u:pw-src@src.example:5432/shop")
-    monkeypatch.setenv("AIRFLOW_CONN_OL_WH", "postgresql://u:pw-wh@wh.example:6543/dwh")
     op = CopyManOperator(
         task_id="ol",
         source_conn_id="ol_src",
@@ -260,15 +261,21 @@ def test_openlineage_facets(monkeypatch: pytest.MonkeyPatch) -> None:
         ],
     )
     start = op.get_openlineage_facets_on_start()
-    assert sorted(d.name for d in start.inputs) == ["shop.public.customers", "shop.sales.orders"]
-    assert {d.namespace for d in start.inputs} == {"postgres://src.example:5432"}
+    assert (start.inputs, start.outputs) == ([], [])
     assert start.job_facets["sql"].query.startswith("SELECT * FROM sales.orders")
+    endpoints = {
+        "ol_src": ("postgres://src.example:5432", "shop"),
+        "ol_wh": ("postgres://wh.example:6543", "dwh"),
+    }
     op._report = TransferReport(
         7, 70, "binary", 0.1,
         [DestinationResult("ol_wh", "analytics.orders", "loaded", 7, 70),
          DestinationResult("ol_wh", "orders", "failed", error="x")],
+        endpoints,
     )
     done = op.get_openlineage_facets_on_complete(None)
+    assert sorted(d.name for d in done.inputs) == ["shop.public.customers", "shop.sales.orders"]
+    assert {d.namespace for d in done.inputs} == {"postgres://src.example:5432"}
     outputs = {d.name: d for d in done.outputs}
     assert set(outputs) == {"dwh.analytics.orders", "dwh.public.orders"}
     assert {d.namespace for d in done.outputs} == {"postgres://wh.example:6543"}
@@ -278,5 +285,8 @@ def test_openlineage_facets(monkeypatch: pytest.MonkeyPatch) -> None:
     table_source = CopyManOperator(
         task_id="ol2", source_conn_id="ol_src", sql="sales.orders",
         destinations=[{"conn_id": "ol_wh", "table": "orders"}],
-    ).get_openlineage_facets_on_start()
-    assert [d.name for d in table_source.inputs] == ["shop.sales.orders"]
+    )
+    table_source._report = TransferReport(0, 0, None, 0.0, [], endpoints)
+    assert [d.name for d in table_source.get_openlineage_facets_on_complete(None).inputs] == [
+        "shop.sales.orders"
+    ]

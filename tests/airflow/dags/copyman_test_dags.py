@@ -11,6 +11,7 @@ from typing import Any
 
 from airflow.sdk import DAG, task
 
+from airflow_copyman.hooks.copyman import Destination
 from airflow_copyman.operators.copyman import CopyManOperator
 
 START = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
@@ -184,6 +185,46 @@ with DAG(
     )
 
 
+    # Checked after rendering, before any connection is used: a permanent failure.
+    CopyManOperator(
+        task_id="templated_bad_parameters",
+        source_conn_id="pg_src",
+        sql="SELECT * FROM orders WHERE id < %s",
+        parameters="{{ params.limit }}",  # renders as the text "5", not a list
+        destinations=[good],
+        params={"limit": 5},
+    )
+    CopyManOperator(
+        task_id="ssl_refused",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[good, {"conn_id": "pg_ssl", "table": "orders"}],
+    )
+
+
+# Templated Destination objects and a templated boolean.
+with DAG(
+    "copyman_test_templating",
+    schedule=None,
+    start_date=START,
+    default_args=DEFAULTS,
+    params={"full_refresh": True, "target": "orders_obj", "keep_from": 3},
+) as templating_dag:
+    CopyManOperator(
+        task_id="templated_objects",
+        source_conn_id="pg_src",
+        sql="SELECT * FROM orders WHERE id <= 10",
+        destinations=[
+            Destination(
+                "pg_d1",
+                "{{ params.target }}",
+                preoperator="DELETE FROM {{ params.target }} WHERE id >= {{ params.keep_from }}",
+            ),
+            {"conn_id": "pg_d2", "table": "orders", "truncate": "{{ params.full_refresh }}"},
+        ],
+    )
+
+
 # A long, slow transfer for on_kill (run in a subprocess that receives SIGTERM).
 with DAG("copyman_test_kill", schedule=None, start_date=START) as kill_dag:
     CopyManOperator(
@@ -195,5 +236,30 @@ with DAG("copyman_test_kill", schedule=None, start_date=START) as kill_dag:
             {"conn_id": "pg_d1", "table": "kill_target"},
             {"conn_id": "pg_d2", "table": "kill_target"},
         ],
+        retries=0,
+    )
+
+
+# on_kill against a busy destination: every row costs its server 10 ms in a trigger.
+with DAG("copyman_test_kill_busy", schedule=None, start_date=START) as kill_busy_dag:
+    CopyManOperator(
+        task_id="busy_copy",
+        source_conn_id="pg_src",
+        sql="SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 200000) g",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "kill_target"},
+            {"conn_id": "pg_d2", "table": "kill_target"},
+        ],
+        retries=0,
+    )
+
+
+# Lineage with connections kept in the metadata database (OpenLineage console transport).
+with DAG("copyman_test_lineage", schedule=None, start_date=START) as lineage_dag:
+    CopyManOperator(
+        task_id="with_lineage",
+        source_conn_id="ol_meta_src",
+        sql="orders",
+        destinations=[{"conn_id": "ol_meta_dst", "table": "orders"}],
         retries=0,
     )
