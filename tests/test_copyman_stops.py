@@ -250,12 +250,13 @@ def test_cancel_at_random_moments_never_hits_the_next_statement(dbs: Databases) 
         except copyman.CopyFail as failed:
             assert isinstance(failed.__cause__, copyman.Cancelled), failed
             outcomes["cancelled"] += 1
-        timer.join()
         for conn in (src, first, second):
             conn.rollback()
-            # Long enough for a stray cancel request to land in it.
+            # Long enough for a stray cancel request to land in it (the timer may still
+            # be about to fire: a cancel() after the copy must do nothing at all).
             conn.execute("SELECT pg_sleep(0.003)")
             conn.rollback()
+        timer.join()
     assert time.monotonic() - started < 60
     assert outcomes["cancelled"] > 20 and outcomes["completed"] > 5, outcomes
     assert count(first) == count(second) == 0

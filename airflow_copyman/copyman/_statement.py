@@ -223,6 +223,7 @@ class _StatementFitting:
             if self._in_copy == _COPY_IN:
                 if not self._end_sent:
                     while not pg.put_copy_end(message):
+                        pg.flush()  # make room in libpq's buffer
                         yield pg.socket, Wait.WRITE
                     self._end_sent = True
                 self._in_copy = None
