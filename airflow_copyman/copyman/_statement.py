@@ -135,6 +135,8 @@ class _StatementFitting:
 
     def _query_bytes(self) -> bytes:
         conn = self.connection
+        if isinstance(self.statement, bytes) and self.params is None:
+            return self.statement  # already in the connection's encoding
         text = self._text
         if self.params is not None:
             # Parameters are merged client-side, as psycopg does for COPY.
@@ -408,7 +410,9 @@ class StatementProducer(_StatementFitting, Producer):
         except Exception as exc:
             error = self._server_error(exc)
             if not count:
-                raise error from (exc if error is not exc else None)
+                if error is exc:
+                    raise
+                raise error from exc  # the server's own words, libpq's behind them
             # Hand over what arrived before the failure; fail on the next read, so that
             # no record that reached us is lost.
             self._pending_error = error
