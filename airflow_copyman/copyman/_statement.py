@@ -371,9 +371,6 @@ class StatementProducer(_StatementFitting, Producer):
             raise error
         if self.done:
             return None
-        if self._in_copy is None:
-            self._read_end()
-            return None
         pg = self._pgconn
         get = pg.get_copy_data
         # One growing buffer, not a list of records: libpq's records arrive as memoryviews,
@@ -386,6 +383,9 @@ class StatementProducer(_StatementFitting, Producer):
         first: Buffer = b""
         last: Buffer = b""
         try:
+            if self._in_copy is None:  # the data ended: waiting for the final result
+                self._read_end()
+                return None
             while len(buffer) < max_bytes:
                 nbytes, data = get(1)
                 if nbytes == 0:
@@ -442,15 +442,28 @@ class StatementProducer(_StatementFitting, Producer):
     def _server_error(self, exc: BaseException) -> BaseException:
         """The server's own error behind a broken COPY (a terminated backend says why
         before it closes the connection), else ``exc``."""
+        if isinstance(exc, e.Error) and exc.sqlstate:
+            return exc  # the server's error already
         pg = self._pgconn
+        encoding = self.connection.info.encoding
+        for kept in self._results:
+            if kept.status not in (_COMMAND_OK, _TUPLES_OK):
+                return e.error_from_result(kept, encoding=encoding)
         with contextlib.suppress(Exception):
+            if self._in_copy == _COPY_OUT:
+                # The error message follows the data libpq still holds; the copy fails
+                # anyway, so that data is skipped.
+                while (nbytes := pg.get_copy_data(1)[0]) > 0:
+                    pass
+                if nbytes == 0:
+                    return exc  # the connection broke before the server said why
             while True:
                 result = pg.get_result()
                 if result is None or result.status in (_COPY_OUT, _COPY_IN):
                     break
                 if result.status not in (_COMMAND_OK, _TUPLES_OK):
                     self._in_copy = None
-                    return e.error_from_result(result, encoding=self.connection.info.encoding)
+                    return e.error_from_result(result, encoding=encoding)
         return exc
 
     def read(self, max_bytes: int) -> Batch | None:
