@@ -5,7 +5,8 @@ then reads one batch from the producer, queues it for every receiver and returns
 counts. The producer is read only while every receiver has room in its queue
 (``queue_bytes``), so memory stays bounded and the copy runs at the pace of the slowest
 receiver without any receiver waiting for the others between batches. When nothing can
-move, the manager waits on all the sockets at once.
+move, the manager waits on all the sockets at once. Starting, cancelling and ending COPYs
+are protocol steps too (``_steps``): the same loop runs them for every connection at once.
 """
 
 from __future__ import annotations
@@ -124,18 +125,24 @@ class CopyManager:
         started: list[Fitting] = []
         # Receivers first (all at once): a source COPY started before a receiver fails
         # would have to be cancelled again.
-        failure = self._start(self._all, self.receiver_timeout, ReceiverTimeout, started)
-        if failure is None:
-            failure = self._start(
-                [self.producer], self.producer_timeout, ProducerTimeout, started
-            )
+        failure: tuple[Fitting | None, BaseException] | None
+        try:
+            failure = self._start(self._all, self.receiver_timeout, ReceiverTimeout, started)
+            if failure is None:
+                failure = self._start(
+                    [self.producer], self.producer_timeout, ProducerTimeout, started
+                )
+        except BaseException as interrupt:  # KeyboardInterrupt while starting
+            failure = None, interrupt
         if failure is not None:
             culprit, exc = failure
             self._state = "exited"
             self._finish_aborts(started, exc)
             self._close_all()
-            if culprit is None:
+            if isinstance(exc, Cancelled):
                 reason = "the copy was cancelled while its COPYs started"
+            elif culprit is None:
+                reason = f"the copy was interrupted while its COPYs started: {exc!r}"
             else:
                 reason = f"could not start the copy at {culprit!r}: {type(exc).__name__}: {exc}"
             raise CopyFail(
