@@ -71,6 +71,12 @@ class ReceiverTimeout(TimeoutError):
     __module__ = "airflow_copyman.copyman"
 
 
+class ProducerTimeout(TimeoutError):
+    """The producer moved nothing for ``producer_timeout`` seconds (a stalled source)."""
+
+    __module__ = "airflow_copyman.copyman"
+
+
 class RowCountMismatch(Exception):
     """A server's COPY row count differs from the number of rows the copy moved."""
 

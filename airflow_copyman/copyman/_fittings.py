@@ -12,7 +12,7 @@ import enum
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from psycopg.abc import Buffer
@@ -49,6 +49,27 @@ class Fitting:
 
     def abort(self, reason: BaseException | None) -> None:
         """Stop early so that nothing of the copy is kept. May block briefly."""
+
+    # The manager drives starting and aborting as steps (generators yielding the socket
+    # and what they wait for), so that it can run them for every fitting at once. A
+    # fitting that only implements the blocking ``start``/``abort`` needs nothing more.
+
+    def starting(self) -> Generator[tuple[int, Wait], None, None]:
+        """``start`` as steps; by default, ``start`` itself."""
+        self.start()
+        yield from ()
+
+    def aborting(self, reason: BaseException | None) -> Generator[tuple[int, Wait], None, None]:
+        """``abort`` as steps; by default, ``abort`` itself."""
+        self.abort(reason)
+        yield from ()
+
+    def abandon(self) -> None:
+        """Its abort did not finish in time: give up on it (a statement closes its connection)."""
+
+    def start(self) -> None:
+        """Begin (for a statement: start its COPY). May block."""
+        self._mark_started()
 
     def close(self) -> None:
         """Release what ``start`` took (after completion or abort)."""

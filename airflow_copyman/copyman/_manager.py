@@ -5,13 +5,13 @@ then reads one batch from the producer, queues it for every receiver and returns
 counts. The producer is read only while every receiver has room in its queue
 (``queue_bytes``), so memory stays bounded and the copy runs at the pace of the slowest
 receiver without any receiver waiting for the others between batches. When nothing can
-move, the manager waits on all the sockets at once.
+move, the manager waits on all the sockets at once. Starting, cancelling and ending COPYs
+are protocol steps too (``_steps``): the same loop runs them for every connection at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import select
 import threading
 import time
 from collections.abc import Iterable
@@ -26,11 +26,14 @@ from ._errors import (
     CopyFail,
     CopyUsageError,
     ProducerFault,
+    ProducerTimeout,
     ReceiverFault,
     ReceiverTimeout,
 )
-from ._fittings import Producer, Receiver, Wait
-from ._statement import StatementProducer, StatementReceiver
+from ._fittings import Fitting, Producer, Receiver, Wait
+from ._session import check_sessions
+from ._statement import ABORT_TIMEOUT, StatementProducer, StatementReceiver
+from ._steps import MAX_WAIT, Driver, Step, select_fds
 
 #: Target size of one cycle's batch read from the producer.
 BATCH_BYTES = 256 * 1024
@@ -38,8 +41,6 @@ BATCH_BYTES = 256 * 1024
 QUEUE_BYTES = 1024 * 1024
 #: A receiver that makes no progress for this long faults.
 RECEIVER_TIMEOUT = 300.0
-#: Longest single wait, so that ``cancel()`` and time-outs are noticed promptly.
-MAX_WAIT = 0.5
 
 
 class CopyManager:
@@ -51,9 +52,15 @@ class CopyManager:
 
     :param producer: where the records come from.
     :param receivers: where they go; each one at most once.
-    :param receiver_timeout: seconds a receiver may make no progress before it faults.
+    :param receiver_timeout: seconds a receiver may make no progress (or its COPY take to
+        start) before it faults.
+    :param producer_timeout: seconds the producer may move nothing while the copy waits for
+        it (or its COPY take to start) before it faults; ``receiver_timeout`` by default.
     :param batch_bytes: size of the batch read from the producer in one cycle.
     :param queue_bytes: most data queued for a receiver before the producer waits.
+
+    Before anything runs, the fittings' database sessions are checked (``_session``): a
+    session that would change the data in flight is refused with ``CopyUsageError``.
     """
 
     def __init__(
@@ -61,16 +68,27 @@ class CopyManager:
         producer: Producer,
         *receivers: Receiver,
         receiver_timeout: float = RECEIVER_TIMEOUT,
+        producer_timeout: float | None = None,
         batch_bytes: int = BATCH_BYTES,
         queue_bytes: int = QUEUE_BYTES,
     ) -> None:
         _check_fittings(producer, receivers)
-        if receiver_timeout <= 0 or batch_bytes <= 0 or queue_bytes <= 0:
-            raise CopyUsageError("receiver_timeout, batch_bytes and queue_bytes must be positive")
+        if producer_timeout is None:
+            producer_timeout = receiver_timeout
+        for name, value in (
+            ("receiver_timeout", receiver_timeout),
+            ("producer_timeout", producer_timeout),
+            ("batch_bytes", batch_bytes),
+            ("queue_bytes", queue_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise CopyUsageError(f"{name} must be a positive number, got {value!r}")
+        check_sessions(producer, receivers, timeout=min(receiver_timeout, producer_timeout))
         self.producer = producer
         producer.keep_records = any(r.needs_records for r in receivers)
         self.receivers: set[Receiver] = set(receivers)
         self.receiver_timeout = receiver_timeout
+        self.producer_timeout = producer_timeout
         self.batch_bytes = batch_bytes
         self.queue_bytes = queue_bytes
         #: Receivers dropped by a fault and not reconciled, with what failed them.
@@ -80,8 +98,12 @@ class CopyManager:
         self._cycles_since_fault: dict[Receiver, int] = {}
         self._cycle = 0
         self._cancel = threading.Event()
-        self._entering = False  # inside __enter__, where COPYs start (and may block)
         self._waits: dict[Receiver, Wait] = {}
+        self._producer_progress_at = time.monotonic()
+        # COPYs being ended (faulted receivers during the copy, everything at its end),
+        # advanced by the same wait loop as the data; and what went wrong doing it.
+        self._aborts: Driver[Fitting] = Driver({})
+        self._abort_errors: dict[Fitting, BaseException] = {}
 
     # Introspection.
 
@@ -100,31 +122,58 @@ class CopyManager:
         if self._state != "new":
             raise CopyUsageError("a CopyManager runs one copy; make a new one")
         self._state = "running"
-        started: list[Producer | Receiver] = []
-        self._entering = True
+        started: list[Fitting] = []
+        # Receivers first (all at once): a source COPY started before a receiver fails
+        # would have to be cancelled again.
+        failure: tuple[Fitting | None, BaseException] | None
         try:
-            # Receivers first: a source COPY started before a receiver fails would have to
-            # be cancelled again.
-            for receiver in self._all:
-                receiver.start()
-                started.append(receiver)
-            self.producer.start()
-            started.append(self.producer)
-        except BaseException as exc:
+            failure = self._start(self._all, self.receiver_timeout, ReceiverTimeout, started)
+            if failure is None:
+                failure = self._start(
+                    [self.producer], self.producer_timeout, ProducerTimeout, started
+                )
+        except BaseException as interrupt:  # KeyboardInterrupt while starting
+            failure = None, interrupt
+        if failure is not None:
+            culprit, exc = failure
             self._state = "exited"
-            for fitting in started:
-                _quietly(fitting.abort, exc)
-                _quietly(fitting.close)
-            culprit = next((f for f in [*self._all, self.producer] if f not in started), None)
+            self._finish_aborts(started, exc)
+            self._close_all()
+            if isinstance(exc, Cancelled):
+                reason = "the copy was cancelled while its COPYs started"
+            elif culprit is None:
+                reason = f"the copy was interrupted while its COPYs started: {exc!r}"
+            else:
+                reason = f"could not start the copy at {culprit!r}: {type(exc).__name__}: {exc}"
             raise CopyFail(
                 self,
-                f"could not start the copy at {culprit!r}: {type(exc).__name__}: {exc}",
+                reason,
                 receiver_faults={culprit: exc} if isinstance(culprit, Receiver) else None,
                 producer_fault=exc if culprit is self.producer else None,
             ) from exc
-        finally:
-            self._entering = False
+        self._producer_progress_at = time.monotonic()
         return self
+
+    def _start(
+        self,
+        fittings: list[Producer] | list[Receiver],
+        timeout: float,
+        timeout_error: type[TimeoutError],
+        started: list[Fitting],
+    ) -> tuple[Fitting | None, BaseException] | None:
+        """Start the fittings' COPYs together; the first failure, if any (None: cancelled)."""
+        deadline = time.monotonic() + timeout
+        driver: Driver[Fitting] = Driver({f: Step(f.starting(), deadline) for f in fittings})
+        started.extend(fittings)  # a start under way must be aborted too
+        driver.run(self._cancel.is_set, stop_on_error=True)
+        for fitting, step in driver.finished.items():
+            if step.error is not None:
+                return fitting, step.error
+        for fitting in driver.expired:
+            return fitting, timeout_error(f"{fitting!r}: its COPY did not start in {timeout:g} s")
+        if self._cancel.is_set():
+            return None, Cancelled("the copy was cancelled")
+        return None
 
     def __exit__(
         self,
@@ -134,6 +183,7 @@ class CopyManager:
     ) -> None:
         if self._state == "complete" and typ is None:
             self._state = "exited"
+            self._finish_aborts([], None)
             self._close_all()
             return
         if self._state == "exited":
@@ -145,20 +195,14 @@ class CopyManager:
             reason = "no receivers left: every receiver faulted"
         else:
             reason = "the copy was abandoned before the producer's end"
-        producer_fault: BaseException | None = None
-        try:
-            self.producer.abort(val)
-        except Exception as exc:
-            producer_fault = exc
-        receiver_faults = dict(self.faults)
-        for receiver in self._all:
-            if receiver.completed:
-                continue
-            try:
-                receiver.abort(val)
-            except Exception as exc:
-                receiver_faults.setdefault(receiver, exc)
+        unfinished = [r for r in self._all if not r.completed]
+        self._finish_aborts([self.producer, *unfinished], val)
         self._close_all()
+        producer_fault = self._abort_errors.get(self.producer)
+        receiver_faults = dict(self.faults)
+        for receiver in unfinished:
+            if receiver in self._abort_errors:
+                receiver_faults.setdefault(receiver, self._abort_errors[receiver])
         if isinstance(val, ProducerFault) and producer_fault is None:
             producer_fault = val.__cause__ or val.__context__
         raise CopyFail(
@@ -169,6 +213,50 @@ class CopyManager:
         _quietly(self.producer.close)
         for receiver in self._all:
             _quietly(receiver.close)
+
+    # Ending COPYs early: protocol steps like the others, all in the one wait loop.
+
+    def _begin_abort(self, fitting: Fitting, reason: BaseException | None) -> None:
+        aborts = self._aborts
+        if fitting in aborts.pending or fitting in aborts.finished or fitting in aborts.expired:
+            return
+        aborts.pending[fitting] = Step(
+            fitting.aborting(reason), time.monotonic() + ABORT_TIMEOUT
+        )
+
+    def _advance_aborts(self, readable: set[int], writable: set[int]) -> None:
+        aborts = self._aborts
+        if not aborts.pending:
+            return
+        aborts.advance(readable, writable)
+        self._record_aborts()
+
+    def _finish_aborts(self, fittings: list[Fitting], reason: BaseException | None) -> None:
+        """Abort the fittings (and finish aborts under way) together, with one deadline."""
+        for fitting in fittings:
+            self._begin_abort(fitting, reason)
+        self._aborts.run()
+        self._record_aborts()
+
+    def _record_aborts(self) -> None:
+        aborts = self._aborts
+        for fitting in aborts.expired:
+            if fitting not in self._abort_errors:
+                _quietly(fitting.abandon)
+                self._abort_errors[fitting] = TimeoutError(
+                    f"{fitting!r}: its server did not answer the abort in "
+                    f"{ABORT_TIMEOUT:g} s; the connection was closed"
+                )
+                self._note_abort(fitting)
+        for fitting, step in aborts.finished.items():
+            if step.error is not None and fitting not in self._abort_errors:
+                self._abort_errors[fitting] = step.error
+                self._note_abort(fitting)
+
+    def _note_abort(self, fitting: Fitting) -> None:
+        fault = self.faults.get(fitting) if isinstance(fitting, Receiver) else None
+        if fault is not None:
+            fault.add_note(f"aborting its COPY failed too: {self._abort_errors[fitting]!r}")
 
     # Iteration.
 
@@ -194,6 +282,8 @@ class CopyManager:
                 self._wait(want_producer=False)
                 continue
             if any(r.queued_bytes >= self.queue_bytes for r in self.receivers):
+                # Waiting for receivers is not the producer's stall.
+                self._producer_progress_at = time.monotonic()
                 self._wait(want_producer=False)
                 continue
             try:
@@ -204,6 +294,7 @@ class CopyManager:
                 for receiver in self.receivers:
                     receiver.end(producer.rows)
             if batch is not None:
+                self._producer_progress_at = time.monotonic()
                 self._cycle += 1
                 for receiver in self.receivers:
                     receiver.accept(batch)
@@ -211,6 +302,11 @@ class CopyManager:
                 # counts are ever lost to one (a defect of the original engine).
                 return batch.rows, batch.nbytes
             if not producer.done:
+                if time.monotonic() - self._producer_progress_at > self.producer_timeout:
+                    self._producer_progress_at = time.monotonic()  # a new term if iterated on
+                    raise ProducerFault(self) from ProducerTimeout(
+                        f"{producer!r} moved nothing for {self.producer_timeout:g} s"
+                    )
                 self._wait(want_producer=True)
 
     def _service_receivers(self) -> None:
@@ -239,32 +335,36 @@ class CopyManager:
             self.faults[receiver] = exc
             self._cycles_since_fault[receiver] = self._cycle
             if not receiver.reconcilable:
-                # Its COPY cannot be resumed: end it now, so its connection is usable at
-                # once (after a rollback) and the server keeps nothing of it.
-                try:
-                    receiver.abort(exc)
-                except Exception as abort_exc:
-                    exc.add_note(f"aborting its COPY failed too: {abort_exc!r}")
-                _quietly(receiver.close)
+                # Its COPY cannot be resumed: end it now (cancel, then read its end, in
+                # the wait loop beside the others), so the server keeps nothing of it and
+                # its connection is usable after a rollback.
+                self._begin_abort(receiver, exc)
             _note_kept(receiver, exc)
+        self._advance_aborts(set(), set())
 
     def _wait(self, *, want_producer: bool) -> None:
-        """Block until a socket can move data, a receiver times out, or MAX_WAIT passes."""
-        rlist: list[int] = []
-        wlist: list[int] = []
+        """Block until a socket can move data, a time-out comes, or MAX_WAIT passes."""
+        wants: list[tuple[int, Wait]] = []
+        now = time.monotonic()
+        deadline = now + MAX_WAIT
         if want_producer and (fd := self.producer.fileno()) is not None:
-            rlist.append(fd)
-        deadline = time.monotonic() + MAX_WAIT
+            wants.append((fd, Wait.READ))
+            deadline = min(deadline, self._producer_progress_at + self.producer_timeout)
         for receiver in self.receivers:
             wait = self._waits.get(receiver, Wait.READY)
             if wait is Wait.READY or (fd := receiver.fileno()) is None:
                 continue
-            (rlist if wait is Wait.READ else wlist).append(fd)
+            wants.append((fd, wait))
             deadline = min(deadline, receiver.progress_at + self.receiver_timeout)
-        if not rlist and not wlist:
-            return
-        timeout = max(0.0, deadline - time.monotonic())
-        select.select(rlist, wlist, [], timeout)
+        for step in self._aborts.pending.values():
+            if step.want is not None:
+                wants.append(step.want)
+            deadline = min(deadline, step.deadline)
+        if wants:
+            readable, writable = select_fds(wants, deadline - time.monotonic())
+        else:
+            readable, writable = set(), set()
+        self._advance_aborts(readable, writable)
 
     # Control.
 
@@ -298,25 +398,16 @@ class CopyManager:
             receiver.end(self.producer.rows)
 
     def cancel(self) -> None:
-        """Stop the copy from another thread or a signal handler (Airflow's ``on_kill``).
+        """Stop the copy; safe from another thread or a signal handler (Airflow's ``on_kill``).
 
-        The running ``__next__`` raises ``Cancelled`` within ``MAX_WAIT`` seconds and
-        ``__exit__`` aborts every COPY. Servers are sent cancel requests only while the
-        copy is starting (a COPY may wait there for a lock): once the loop runs it never
-        blocks, and a cancel request that arrived after the abort would cancel whatever
-        the connection runs next (the caller's rollback or its next query).
+        It only asks: the thread running the copy notices within ``MAX_WAIT`` seconds
+        (``__next__`` raises ``Cancelled``; a start under way stops and ``__enter__``
+        raises ``CopyFail``), and ``__exit__`` then ends every COPY on every server: a
+        cancel request from that thread for each unfinished one (so that a busy server
+        stops too), waited for, then the COPY's end read. A request sent that way can
+        never cancel whatever the caller runs next on the connection.
         """
         self._cancel.set()
-        if not self._entering:
-            return
-        for fitting in [self.producer, *self._all]:
-            conn = getattr(fitting, "connection", None)
-            if (
-                isinstance(conn, psycopg.Connection)
-                and not conn.closed
-                and conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
-            ):
-                _quietly(conn.cancel_safe, timeout=2.0)
 
     def run(self) -> None:
         """Perform the whole copy; raises only ``CopyFail``."""
@@ -372,7 +463,7 @@ def _note_kept(receiver: Receiver, exc: BaseException) -> None:
         exc.add_note(f"{receiver!r} took {receiver.rows} rows; the rest is kept for reconcile()")
     else:
         exc.add_note(
-            f"{receiver!r} had been sent {receiver.rows} rows; its COPY was aborted, "
+            f"{receiver!r} had been sent {receiver.rows} rows; its COPY is aborted, "
             "so its transaction keeps none of them"
         )
 

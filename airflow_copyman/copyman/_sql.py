@@ -29,3 +29,18 @@ def check_copy_statement(text: str, direction: str, role: str) -> None:
         raise CopyUsageError(
             f"{role} needs a {wanted} statement (wrong direction?), got: {shown!r}"
         )
+
+
+_OPTIONS_END = re.compile(r"\bWHERE\b", re.IGNORECASE)
+_FORMAT = re.compile(r"\bFORMAT\s*=?\s*['\"]?(\w+)", re.IGNORECASE)
+_LEGACY = re.compile(r"\b(BINARY|CSV)\b", re.IGNORECASE)
+
+
+def copy_format(text: str, direction: str) -> str:
+    """``text``, ``csv`` or ``binary``: what the options of a checked COPY ask for."""
+    found = _DIRECTIONS[direction][0].search(text)
+    options = text[found.end() :] if found else ""
+    options = _OPTIONS_END.split(options, maxsplit=1)[0]
+    if match := _FORMAT.search(options) or _LEGACY.search(options):
+        return match.group(1).lower()
+    return "text"

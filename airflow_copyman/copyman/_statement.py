@@ -1,62 +1,61 @@
 """Producer and receiver for COPY statements on psycopg 3 connections.
 
-psycopg starts the COPY (``cursor.copy()``: it opens the transaction the connection's
-settings ask for, binds the parameters, checks the result and holds the connection's lock
-for the duration); the data then moves through the connection's non-blocking libpq
-handle (``connection.pgconn``) without psycopg's per-row generator machinery, which is what
-lets the copy run at the speed of a ``psql | psql`` pipe (see ``bench/``).
+Everything a statement fitting does on the wire is a non-blocking step on the connection's
+libpq handle (``connection.pgconn``): starting the COPY (with the ``BEGIN`` psycopg would
+send first), moving the data, cancelling, ending or aborting it. The manager waits for all
+of them in one loop (``_steps``), so no server is ever waited for in turn, ``cancel()``
+is noticed while a COPY start waits for a lock, and the data moves without psycopg's
+per-row generator machinery, at the speed of a ``psql | psql`` pipe (see ``bench/``).
+
+psycopg's own ``cursor.copy()`` is not used: it waits for the COPY to start in a blocking
+call that only a cancel from another thread could interrupt, and such a cancel can arrive
+after the COPY ended and hit the caller's next statement. The fitting holds the
+connection's lock, as ``cursor.copy()`` does, while its COPY runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import select
 import time
-from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
 from psycopg import errors as e
 from psycopg import pq, sql
 from psycopg.abc import Buffer, Params, Query
-from psycopg.copy import Copy, Writer
 
-from ._errors import CopyUsageError, ReceiverTimeout, RowCountMismatch
+from ._errors import CopyUsageError, RowCountMismatch
 from ._fittings import Producer, Receiver, Wait
 from ._records import Batch
-from ._sql import check_copy_statement
+from ._sql import check_copy_statement, copy_format
+from ._steps import Driver, Step, Steps
 
 # How much one put_copy_data hands to libpq: libpq copies it into its output buffer, so
 # this bounds the unsent data a receiver holds in libpq (psycopg uses the same order of
 # magnitude, MAX_BUFFER_SIZE, to avoid libpq's huge-buffer pathologies, psycopg#255).
 PIECE_SIZE = 128 * 1024
-# How long aborting one side may wait on a server before giving up and closing the
-# connection (the server then rolls the transaction back itself).
+# How long aborting a COPY may wait on its server (after a cancel request) before giving up
+# and closing the connection (the server then rolls the transaction back itself).
 ABORT_TIMEOUT = 5.0
-# Once the source said it is done, its final result is already on the wire.
-END_TIMEOUT = 60.0
 
+_IDLE = pq.TransactionStatus.IDLE
 _ACTIVE = pq.TransactionStatus.ACTIVE
 _INERROR = pq.TransactionStatus.INERROR
 _COPY_IN = pq.ExecStatus.COPY_IN
 _COPY_OUT = pq.ExecStatus.COPY_OUT
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
-
-
-class _DetachedWriter(Writer):
-    """Lets psycopg open a COPY FROM STDIN while the engine itself sends the data."""
-
-    def write(self, data: Buffer) -> None:  # pragma: no cover - never called
-        raise RuntimeError("the copy manager writes COPY data itself")
-
-    def finish(self, exc: BaseException | None = None) -> None:
-        """The engine ended the COPY already (completed or aborted)."""
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_POLL_OK = pq.PollingStatus.OK
+_POLL_READING = pq.PollingStatus.READING
+_POLL_WRITING = pq.PollingStatus.WRITING
 
 
 class _StatementFitting:
     """What statement producers and receivers share: the connection and its COPY."""
 
     _direction: str  # "out" (TO STDOUT) or "in" (FROM STDIN)
+    _expected: pq.ExecStatus  # the COPY result its statement must give
+    _started: bool
 
     def __init__(
         self, connection: psycopg.Connection[Any], statement: Query, params: Params | None
@@ -73,8 +72,16 @@ class _StatementFitting:
         self._text = _statement_text(connection, statement)
         check_copy_statement(self._text, self._direction, type(self).__name__)
         self._check_connection()
-        self._copy_cm: AbstractContextManager[Copy] | None = None
         self._pgconn = connection.pgconn
+        self._busy = False  # a command was sent and not all of its results were read
+        self._in_copy: pq.ExecStatus | None = None  # libpq is in this COPY state
+        self._end_sent = False  # CopyDone or CopyFail was handed to libpq
+        self._locked = False  # holds the connection's lock (released by close())
+
+    @property
+    def copy_format(self) -> str:
+        """``text``, ``csv`` or ``binary``, as the statement's options say."""
+        return copy_format(self._text, self._direction)
 
     def connection_key(self) -> object:
         return self.connection
@@ -99,38 +106,191 @@ class _StatementFitting:
                 "transaction; roll it back first"
             )
 
-    def _open_copy(self, expected: pq.ExecStatus) -> None:
-        self._check_connection()
-        writer = _DetachedWriter() if expected == _COPY_IN else None
-        cursor = self.connection.cursor()
-        cm = cursor.copy(self.statement, self.params, writer=writer)
-        cm.__enter__()
-        self._copy_cm = cm
-        result = cursor.pgresult
-        if result is not None and result.status != expected:
-            # psycopg accepts either direction; the text check catches nearly every mix-up,
-            # this one catches the rest, and ends the wrong COPY before saying so.
-            error = CopyUsageError(f"{self!r}: the statement runs a COPY in the wrong direction")
-            if result.status == _COPY_IN:
-                self._pgconn.put_copy_end(b"copyman: wrong COPY direction")
-                self._pgconn.flush()
-                self._fetch_results(time.monotonic() + ABORT_TIMEOUT)
-                self._close_copy()
-            else:
-                self._copy_cm = None
-                cm.__exit__(type(error), error, None)
-            raise error
+    # Steps on the wire. Each yields (socket, what it waits for) when it cannot go on.
 
-    def _close_copy(self) -> None:
-        cm, self._copy_cm = self._copy_cm, None
-        if cm is not None:
-            # The engine ended the COPY on the wire already: this only releases psycopg's
-            # lock and cursor (its finish() has nothing left to do).
-            try:
-                cm.__exit__(None, None, None)
-            except Exception:
-                if not self.connection.closed:
-                    raise
+    def _opening(self) -> Steps:
+        """Start the COPY: psycopg's BEGIN where it would send one, then the statement."""
+        self._check_connection()
+        conn, pg = self.connection, self._pgconn
+        if not conn.lock.acquire(blocking=False):
+            raise CopyUsageError(f"{self!r}: another thread is using the connection")
+        self._locked = True
+        if not conn.autocommit and pg.transaction_status == _IDLE:
+            yield from self._command(_begin_command(conn))
+        # The extended protocol takes exactly one statement: nothing can ride along.
+        pg.send_query_params(self._query_bytes(), None)
+        self._busy = True
+        yield from self._flushing()
+        result = yield from self._next_result()
+        if result.status in (_COPY_IN, _COPY_OUT):
+            self._in_copy = result.status
+            if result.status != self._expected:
+                # The text check catches nearly every mix-up; this catches the rest. The
+                # manager's abort ends the wrong COPY.
+                raise CopyUsageError(f"{self!r}: the statement runs a COPY in the wrong direction")
+            return
+        yield from self._rest_of_results()
+        _raise_for(result, self.connection)
+        raise CopyUsageError(f"{self!r}: the statement did not start a COPY")
+
+    def _query_bytes(self) -> bytes:
+        conn = self.connection
+        if isinstance(self.statement, bytes) and self.params is None:
+            return self.statement  # already in the connection's encoding
+        text = self._text
+        if self.params is not None:
+            # Parameters are merged client-side, as psycopg does for COPY.
+            with psycopg.ClientCursor(conn) as cursor:
+                text = cursor.mogrify(self.statement, self.params)
+        return text.encode(conn.info.encoding)
+
+    def _command(self, query: bytes) -> Steps:
+        """Run a short command and read it to the end; raise the server's error."""
+        self._pgconn.send_query_params(query, None)
+        self._busy = True
+        yield from self._flushing()
+        results = []
+        while self._busy:
+            results.append((yield from self._next_result()))
+            yield from self._rest_of_results()
+        for result in results:
+            _raise_for(result, self.connection)
+        return results[-1]
+
+    def _flushing(self) -> Steps:
+        while self._pgconn.flush():
+            yield self._pgconn.socket, Wait.WRITE
+
+    def _next_result(self) -> Steps:
+        pg = self._pgconn
+        while True:
+            pg.consume_input()
+            if not pg.is_busy():
+                break
+            yield pg.socket, Wait.READ
+        result = pg.get_result()
+        if result is None:
+            self._busy = False
+            raise e.OperationalError(
+                f"{self!r}: the server sent no result: {pg.get_error_message() or 'no message'}"
+            )
+        return result
+
+    def _rest_of_results(self) -> Steps:
+        """Read what is left of the command's results (there should be nothing)."""
+        pg = self._pgconn
+        while True:
+            pg.consume_input()
+            if pg.is_busy():
+                yield pg.socket, Wait.READ
+                continue
+            result = pg.get_result()
+            if result is None:
+                self._busy = False
+                return
+            _raise_for(result, self.connection)
+
+    def _cancelling(self) -> Steps:
+        """Ask the server to cancel what the connection runs, and wait until it has.
+
+        Sent by the thread that drives the connection, and followed by reading the COPY's
+        end: libpq's cancel returns once the server has passed the request on, and a
+        backend that waits for a command discards a cancel, so the request can only ever
+        hit this COPY, never a statement the caller sends later.
+        """
+        pg = self._pgconn
+        if not psycopg.capabilities.has_cancel_safe():  # pragma: no cover - libpq < 17
+            pg.get_cancel().cancel()
+            return
+        cancel = pg.cancel_conn()
+        try:
+            cancel.start()
+            while (status := cancel.poll()) != _POLL_OK:
+                if status == _POLL_READING:
+                    yield cancel.socket, Wait.READ
+                elif status == _POLL_WRITING:
+                    yield cancel.socket, Wait.WRITE
+                else:
+                    raise e.OperationalError(
+                        f"{self!r}: the cancel request failed: {cancel.get_error_message()}"
+                    )
+        finally:
+            cancel.finish()
+
+    def _settling(self, message: bytes) -> Steps:
+        """Read the running command to its end: fail a COPY IN (unless its end was sent),
+        discard a COPY OUT's data, read every result. The errors it meets were expected."""
+        pg = self._pgconn
+        while self._busy:
+            if self._in_copy == _COPY_IN:
+                if not self._end_sent:
+                    while not pg.put_copy_end(message):
+                        pg.flush()  # make room in libpq's buffer
+                        yield pg.socket, Wait.WRITE
+                    self._end_sent = True
+                self._in_copy = None
+            yield from self._flushing()
+            if self._in_copy == _COPY_OUT:
+                nbytes, _ = pg.get_copy_data(1)
+                if nbytes == 0:
+                    pg.consume_input()
+                    nbytes, _ = pg.get_copy_data(1)
+                    if nbytes == 0:
+                        yield pg.socket, Wait.READ
+                if nbytes < 0:
+                    self._in_copy = None
+                continue
+            pg.consume_input()
+            if pg.is_busy():
+                yield pg.socket, Wait.READ
+                continue
+            result = pg.get_result()
+            if result is None:
+                self._busy = False
+            elif result.status == _COPY_IN:  # the COPY started while we cancelled
+                self._in_copy, self._end_sent = _COPY_IN, False
+            elif result.status == _COPY_OUT:
+                self._in_copy = _COPY_OUT
+
+    def aborting(self, reason: BaseException | None) -> Steps:
+        """Cancel whatever the connection runs for this copy, then read its end, so that
+        the server keeps nothing and the connection is usable after a rollback."""
+        if not self._busy:
+            return
+        if self._connection_lost():
+            self._busy = False
+            self._close_connection()
+            return
+        name = type(reason).__name__ if reason is not None else "cancelled"
+        try:
+            with contextlib.suppress(e.OperationalError):
+                # A failed cancel request leaves the CopyFail below to end a COPY IN; a
+                # server that answers neither is closed at the deadline.
+                yield from self._cancelling()
+            yield from self._settling(f"copyman: copy aborted ({name})".encode())
+        except Exception:
+            self._close_connection()
+            raise
+
+    def abort(self, reason: BaseException | None) -> None:
+        """``aborting`` in one blocking call (the manager runs it for all at once)."""
+        step = Step(self.aborting(reason), time.monotonic() + ABORT_TIMEOUT)
+        driver = Driver({self: step})
+        driver.run()
+        if driver.expired:
+            self.abandon()
+            raise TimeoutError(f"{self!r}: the server did not answer the abort in time")
+        if step.error is not None:
+            raise step.error
+
+    def abandon(self) -> None:
+        self._busy = False
+        self._close_connection()
+
+    def close(self) -> None:
+        if self._locked:
+            self._locked = False
+            self.connection.lock.release()
 
     def _where(self) -> str:
         """host:port/dbname, never the password."""
@@ -145,28 +305,6 @@ class _StatementFitting:
         if len(text) > 80:
             text = text[:77] + "..."
         return f"{type(self).__name__}({self._where()}: {text!r})"
-
-    # Blocking helpers with deadlines, for the ends of a copy (the data phase never blocks).
-
-    def _wait(self, wait: Wait, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"{self!r}: the server did not answer in time")
-        fd = self._pgconn.socket
-        rlist, wlist = ([fd], []) if wait is Wait.READ else ([], [fd])
-        select.select(rlist, wlist, [], remaining)
-
-    def _fetch_results(self, deadline: float) -> list[pq.abc.PGresult]:
-        pg = self._pgconn
-        results: list[pq.abc.PGresult] = []
-        while True:
-            pg.consume_input()
-            while not pg.is_busy():
-                res = pg.get_result()
-                if res is None:
-                    return results
-                results.append(res)
-            self._wait(Wait.READ, deadline)
 
     def _connection_lost(self) -> bool:
         return self.connection.closed or self._pgconn.status != pq.ConnStatus.OK
@@ -188,15 +326,29 @@ def _statement_text(connection: psycopg.Connection[Any], statement: Query) -> st
     raise CopyUsageError(f"a COPY statement must be str, bytes or psycopg.sql, got {statement!r}")
 
 
-def _raise_for(result: pq.abc.PGresult, pgconn: pq.abc.PGconn) -> None:
-    if result.status != _COMMAND_OK:
-        raise e.error_from_result(result, encoding=pgconn._encoding)
+def _begin_command(conn: psycopg.Connection[Any]) -> bytes:
+    """The BEGIN psycopg sends before a statement outside a transaction."""
+    parts = ["BEGIN"]
+    if conn.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + conn.isolation_level.name.replace("_", " "))
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
+
+
+def _raise_for(result: pq.abc.PGresult, connection: psycopg.Connection[Any]) -> None:
+    """Raise the server's error as psycopg's exception for its SQLSTATE (``.diag`` kept)."""
+    if result.status not in (_COMMAND_OK, _TUPLES_OK):
+        raise e.error_from_result(result, encoding=connection.info.encoding)
 
 
 class StatementProducer(_StatementFitting, Producer):
     """Produces the records of a ``COPY ... TO STDOUT`` statement run on ``connection``."""
 
     _direction = "out"
+    _expected = _COPY_OUT
 
     def __init__(
         self, connection: psycopg.Connection[Any], sql: Query, params: Params | None = None
@@ -204,10 +356,14 @@ class StatementProducer(_StatementFitting, Producer):
         Producer.__init__(self)
         _StatementFitting.__init__(self, connection, sql, params)
         self._pending_error: BaseException | None = None
+        self._results: list[pq.abc.PGresult] = []
 
     def start(self) -> None:
+        _run(self.starting())
+
+    def starting(self) -> Steps:
         Producer.start(self)
-        self._open_copy(_COPY_OUT)
+        yield from self._opening()
 
     def _read_batch(self, max_bytes: int) -> Batch | None:
         if self._pending_error is not None:
@@ -227,6 +383,9 @@ class StatementProducer(_StatementFitting, Producer):
         first: Buffer = b""
         last: Buffer = b""
         try:
+            if self._in_copy is None:  # the data ended: waiting for the final result
+                self._read_end()
+                return None
             while len(buffer) < max_bytes:
                 nbytes, data = get(1)
                 if nbytes == 0:
@@ -245,26 +404,67 @@ class StatementProducer(_StatementFitting, Producer):
                     if records is not None:
                         records.append(data)
                 else:
-                    self._end_of_copy()
+                    self._in_copy = None
+                    self._read_end()
                     break
         except Exception as exc:
+            error = self._server_error(exc)
             if not count:
-                raise
+                if error is exc:
+                    raise
+                raise error from exc  # the server's own words, libpq's behind them
             # Hand over what arrived before the failure; fail on the next read, so that
             # no record that reached us is lost.
-            self._pending_error = exc
+            self._pending_error = error
         if not count:
             return None
         return Batch(buffer, self._counter.count_parts(count, first, last), records)
 
-    def _end_of_copy(self) -> None:
-        results = self._fetch_results(time.monotonic() + END_TIMEOUT)
-        if not results:  # pragma: no cover - libpq always gives a final result
+    def _read_end(self) -> None:
+        """Collect the COPY's final results as they come (never waiting for them)."""
+        pg = self._pgconn
+        pg.consume_input()
+        while not pg.is_busy():
+            result = pg.get_result()
+            if result is None:
+                self._busy = False
+                break
+            self._results.append(result)
+        else:
+            return  # the manager waits for the socket
+        for result in self._results:
+            _raise_for(result, self.connection)
+        if not self._results:  # pragma: no cover - libpq always gives a final result
             raise e.OperationalError(f"{self!r}: the COPY ended without a result")
-        for res in results:
-            _raise_for(res, self._pgconn)
-        self.server_rows = results[-1].command_tuples
+        self.server_rows = self._results[-1].command_tuples
         self.done = True
+
+    def _server_error(self, exc: BaseException) -> BaseException:
+        """The server's own error behind a broken COPY (a terminated backend says why
+        before it closes the connection), else ``exc``."""
+        if isinstance(exc, e.Error) and exc.sqlstate:
+            return exc  # the server's error already
+        pg = self._pgconn
+        encoding = self.connection.info.encoding
+        for kept in self._results:
+            if kept.status not in (_COMMAND_OK, _TUPLES_OK):
+                return e.error_from_result(kept, encoding=encoding)
+        with contextlib.suppress(Exception):
+            if self._in_copy == _COPY_OUT:
+                # The error message follows the data libpq still holds; the copy fails
+                # anyway, so that data is skipped.
+                while (nbytes := pg.get_copy_data(1)[0]) > 0:
+                    pass
+                if nbytes == 0:
+                    return exc  # the connection broke before the server said why
+            while True:
+                result = pg.get_result()
+                if result is None or result.status in (_COPY_OUT, _COPY_IN):
+                    break
+                if result.status not in (_COMMAND_OK, _TUPLES_OK):
+                    self._in_copy = None
+                    return e.error_from_result(result, encoding=encoding)
+        return exc
 
     def read(self, max_bytes: int) -> Batch | None:
         batch = super().read(max_bytes)
@@ -274,31 +474,6 @@ class StatementProducer(_StatementFitting, Producer):
                 f"{self.rows} were received"
             )
         return batch
-
-    def abort(self, reason: BaseException | None) -> None:
-        """Cancel the source's COPY and discard what is still in flight (never buffering it)."""
-        if self.done or self._copy_cm is None or self._connection_lost():
-            return
-        pg = self._pgconn
-        deadline = time.monotonic() + ABORT_TIMEOUT
-        try:
-            self.connection.cancel_safe(timeout=ABORT_TIMEOUT)
-            while True:
-                nbytes, _ = pg.get_copy_data(1)
-                if nbytes > 0:
-                    continue
-                if nbytes == 0:
-                    self._wait(Wait.READ, deadline)
-                    pg.consume_input()
-                    continue
-                break
-            self._fetch_results(deadline)  # QueryCanceled, expected and discarded
-        except Exception:
-            self._close_connection()
-            raise
-
-    def close(self) -> None:
-        self._close_copy()
 
 
 class StatementReceiver(_StatementFitting, Receiver):
@@ -310,25 +485,26 @@ class StatementReceiver(_StatementFitting, Receiver):
     """
 
     _direction = "in"
+    _expected = _COPY_IN
     reconcilable = False
     needs_records = False  # it sends the joined stream
-
-    # States of the end of the copy.
-    _DATA, _ENDING, _RESULT, _DONE = range(4)
 
     def __init__(
         self, connection: psycopg.Connection[Any], sql: Query, params: Params | None = None
     ) -> None:
         Receiver.__init__(self)
         _StatementFitting.__init__(self, connection, sql, params)
-        self._state = self._DATA
         self._unflushed = False
         self._offset = 0  # how much of the head batch was already given to libpq
         self._results: list[pq.abc.PGresult] = []  # the COPY's final results, as they come
 
     def start(self) -> None:
+        _run(self.starting())
+
+    def starting(self) -> Steps:
         Receiver.start(self)
-        self._open_copy(_COPY_IN)
+        yield from self._opening()
+        self.progress_at = time.monotonic()
 
     def transmit(self) -> Wait:
         pg = self._pgconn
@@ -355,71 +531,54 @@ class StatementReceiver(_StatementFitting, Receiver):
                 self._unflushed = True
                 return Wait.WRITE
             self.progress_at = time.monotonic()
-        if self._expected_rows is None:
+        if self._expected_rows is None or self.completed:
             return Wait.READY
         return self._transmit_end()
 
     def _transmit_end(self) -> Wait:
         pg = self._pgconn
-        if self._state == self._DATA:
+        if not self._end_sent:
             if not pg.put_copy_end(None):
                 return Wait.WRITE
-            self._state = self._ENDING
-        if self._state == self._ENDING:
+            self._end_sent = True
+            self._in_copy = None
+            self._unflushed = True
+        if self._unflushed:
             if pg.flush():
                 return Wait.WRITE
-            self._state = self._RESULT
+            self._unflushed = False
             self.progress_at = time.monotonic()
-        if self._state == self._RESULT:
-            pg.consume_input()
-            # Results may arrive over several steps (an error result, then the end): keep
-            # them across steps, or a failed COPY could look like one without a result.
-            results = self._results
-            while not pg.is_busy():
-                res = pg.get_result()
-                if res is None:
-                    break
-                results.append(res)
-            else:
-                return Wait.READ
-            self._state = self._DONE
-            for res in results:
-                _raise_for(res, pg)
-            if not results:  # pragma: no cover - libpq always gives a final result
-                # A COPY is complete only with the server's COMMAND_OK, never by default.
-                raise e.OperationalError(
-                    f"{self!r}: the COPY ended without the server's result: "
-                    f"{pg.get_error_message() or 'no message'}"
-                )
-            self.server_rows = results[-1].command_tuples
-            if self.server_rows is None:
-                raise RowCountMismatch(f"{self!r}: the server reported no COPY row count")
-            self._check_rows(self.server_rows)
-            self.completed = True
+        pg.consume_input()
+        # Results may arrive over several steps (an error result, then the end): keep
+        # them across steps, or a failed COPY could look like one without a result.
+        results = self._results
+        while not pg.is_busy():
+            result = pg.get_result()
+            if result is None:
+                break
+            results.append(result)
+        else:
+            return Wait.READ
+        self._busy = False
+        for result in results:
+            _raise_for(result, self.connection)
+        if not results:  # pragma: no cover - libpq always gives a final result
+            # A COPY is complete only with the server's COMMAND_OK, never by default.
+            raise e.OperationalError(
+                f"{self!r}: the COPY ended without the server's result: "
+                f"{pg.get_error_message() or 'no message'}"
+            )
+        self.server_rows = results[-1].command_tuples
+        if self.server_rows is None:
+            raise RowCountMismatch(f"{self!r}: the server reported no COPY row count")
+        self._check_rows(self.server_rows)
+        self.completed = True
         return Wait.READY
 
-    def abort(self, reason: BaseException | None) -> None:
-        """End the COPY with an error, so the server keeps nothing of it."""
-        if self._state == self._DONE or self._copy_cm is None:
-            return
-        self._state = self._DONE
-        if self._connection_lost() or isinstance(reason, ReceiverTimeout):
-            # A server that stopped answering would only make us wait again: closing the
-            # connection is the clean end (the server rolls back when it notices).
-            self._close_connection()
-            return
-        pg = self._pgconn
-        message = f"copyman: copy aborted ({type(reason).__name__ if reason else 'cancelled'})"
-        deadline = time.monotonic() + ABORT_TIMEOUT
-        try:
-            while not pg.put_copy_end(message.encode()):
-                self._wait(Wait.WRITE, deadline)
-            while pg.flush():
-                self._wait(Wait.WRITE, deadline)
-            self._fetch_results(deadline)  # the server's "COPY from stdin failed", expected
-        except Exception:
-            self._close_connection()
-            raise
 
-    def close(self) -> None:
-        self._close_copy()
+def _run(steps: Steps) -> None:
+    """Drive steps to their end in a blocking call (``start()`` outside a manager)."""
+    step = Step(steps)
+    Driver({0: step}).run()
+    if step.error is not None:
+        raise step.error
