@@ -286,6 +286,11 @@ def test_receiver_on_a_row_lock_times_out_with_its_connection_usable(
                 break
             except copyman.ReceiverFault as fault:
                 faults.update(fault.faults)
+                # Usable at once, while the copy goes on: its COPY already ended and
+                # the connection is released (a held lock would hang a rollback here).
+                assert blocked.lock.acquire(blocking=False)
+                blocked.lock.release()
+                assert_usable(blocked)
     assert list(faults) == [receivers[1]]
     assert isinstance(faults[receivers[1]], copyman.ReceiverTimeout)
     assert manager.completed == {receivers[0]}
