@@ -366,3 +366,13 @@ def test_a_rejected_row_keeps_the_servers_diagnostics(
     assert "COPY items, line 5" in (error.diag.context or "")
     assert_usable(dest)
 
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("receiver_timeout", 0), ("receiver_timeout", "5"), ("producer_timeout", -1),
+     ("producer_timeout", True), ("queue_bytes", None)],
+)
+def test_time_outs_and_sizes_must_be_positive_numbers(option: str, value: object) -> None:
+    with pytest.raises(copyman.CopyUsageError, match=f"{option} must be a positive number"):
+        copyman.CopyManager(copyman.NullProducer(), copyman.NullReceiver(), **{option: value})
