@@ -64,6 +64,10 @@ def is_permanent(exc: BaseException) -> bool:
     state = sqlstate(exc)
     if state is not None:
         return state[:2] in PERMANENT_CLASSES or state in PERMANENT_STATES
+    if isinstance(exc, copyman.CopyUsageError):
+        # The copy was set up wrongly (sessions that disagree, a statement of the wrong
+        # kind): the same set-up fails the same way on every try.
+        return True
     if isinstance(exc, copyman.RowCountMismatch):
         # The destination kept a different number of rows than it was sent (a trigger or
         # rule dropping rows): the next try would do the same.

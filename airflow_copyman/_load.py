@@ -510,9 +510,15 @@ class Transfer:
                 self._fail(target, exc, "setting up the copy")
             return "done"
         self.producer = producer
-        manager = copyman.CopyManager(
-            producer, *receivers, receiver_timeout=self.receiver_timeout
-        )
+        try:
+            # The engine checks the sessions here (the pinned settings make them agree).
+            manager = copyman.CopyManager(
+                producer, *receivers, receiver_timeout=self.receiver_timeout
+            )
+        except (copyman.CopyUsageError, psycopg.Error, TimeoutError) as exc:
+            for target in loading:
+                self._fail(target, exc, "setting up the copy")
+            return "done"
         self.log.info(
             "Copying %s from %s into %d destination(s) in %s format: %s",
             self.source.table or "the query's rows",
@@ -522,15 +528,17 @@ class Transfer:
             ", ".join(t.label for t in loading),
         )
         started = time.monotonic()
+        # Known to cancel() before the COPYs start: a stop while one waits to start (for a
+        # lock) is then seen by the engine's own loop, which cancels from this thread.
+        self.manager = manager
+        if self.cancelled:
+            manager.cancel()
         try:
             with contextlib.ExitStack() as stack:
                 try:
                     stack.enter_context(manager)
                 except copyman.CopyFail as exc:
                     return self._start_failed(exc, receivers)
-                self.manager = manager
-                if self.cancelled:
-                    manager.cancel()
                 self._pump(manager, receivers, started)
         except copyman.CopyFail as exc:
             self._copy_failed(exc, receivers)

@@ -46,6 +46,13 @@ def copying(admin: psycopg.Connection, pid: int) -> bool:
     return row is not None and row[0] == "active"
 
 
+def waiting_for_lock(admin: psycopg.Connection, pid: int) -> bool:
+    row = admin.execute(
+        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
+    ).fetchone()
+    return row is not None and row[0] == "Lock"
+
+
 def cancel_later(manager: copyman.CopyManager, when: Callable[[], bool]) -> list[float]:
     """Call ``manager.cancel()`` from another thread once ``when()`` holds; the time it did."""
     called: list[float] = []
@@ -131,31 +138,34 @@ def _slow_rows(conn: psycopg.Connection, seconds: float = 0.01) -> None:
 def test_cancel_stops_a_busy_destination_on_its_server(
     dbs: Databases, source: psycopg.Connection
 ) -> None:
-    busy, other = dbs.new("dst"), dbs.new("dst")
-    for conn in (busy, other):
+    busy, locked, other = dbs.new("dst"), dbs.new("dst"), dbs.new("dst")
+    for conn in (busy, locked, other):
         create_table(conn)
     _slow_rows(busy)  # 10 ms a row: 20,000 rows would take minutes
+    holder = connect_like(locked, dbs)
+    holder.execute("INSERT INTO items (id) VALUES (5)")  # uncommitted: row 5 waits on it
     admin = dbs.new("admin", autocommit=True)
-    pid = busy.info.backend_pid
+    pids = [busy.info.backend_pid, locked.info.backend_pid]
     manager = copyman.CopyManager(
         copyman.StatementProducer(source, out_sql()),
-        copyman.StatementReceiver(busy, in_sql()),
-        copyman.StatementReceiver(other, in_sql()),
+        *[copyman.StatementReceiver(c, in_sql()) for c in (busy, locked, other)],
     )
     with pytest.raises(copyman.CopyFail) as failed, manager:
         next(manager)
-        called = cancel_later(manager, lambda: copying(admin, pid))
+        called = cancel_later(manager, lambda: waiting_for_lock(admin, pids[1]))
         with pytest.raises(copyman.Cancelled):
             for _ in manager:
                 pass
         raise copyman.Cancelled("cancelled")
     stopped = time.monotonic() - called[0]
     assert stopped < 2, f"the copy took {stopped:.1f} s to stop"
-    assert not copying(admin, pid)  # gone from the server, not only from the client
+    for pid in pids:
+        assert not copying(admin, pid)  # gone from the server, not only from the client
     assert not failed.value.receiver_faults
-    for conn in (source, busy, other):
+    for conn in (source, busy, locked, other):
         assert_usable(conn)
-    assert count(busy) == count(other) == 0
+    holder.rollback()
+    assert count(busy) == count(locked) == count(other) == 0
 
 
 def test_cancel_while_a_copy_waits_for_a_lock_to_start(
@@ -286,6 +296,11 @@ def test_receiver_on_a_row_lock_times_out_with_its_connection_usable(
                 break
             except copyman.ReceiverFault as fault:
                 faults.update(fault.faults)
+                # Usable at once, while the copy goes on: its COPY already ended and
+                # the connection is released (a held lock would hang a rollback here).
+                assert blocked.lock.acquire(blocking=False)
+                blocked.lock.release()
+                assert_usable(blocked)
     assert list(faults) == [receivers[1]]
     assert isinstance(faults[receivers[1]], copyman.ReceiverTimeout)
     assert manager.completed == {receivers[0]}
@@ -351,3 +366,13 @@ def test_a_rejected_row_keeps_the_servers_diagnostics(
     assert "COPY items, line 5" in (error.diag.context or "")
     assert_usable(dest)
 
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("receiver_timeout", 0), ("receiver_timeout", "5"), ("producer_timeout", -1),
+     ("producer_timeout", True), ("queue_bytes", None)],
+)
+def test_time_outs_and_sizes_must_be_positive_numbers(option: str, value: object) -> None:
+    with pytest.raises(copyman.CopyUsageError, match=f"{option} must be a positive number"):
+        copyman.CopyManager(copyman.NullProducer(), copyman.NullReceiver(), **{option: value})

@@ -101,7 +101,7 @@ class CopyManager:
         self._waits: dict[Receiver, Wait] = {}
         self._producer_progress_at = time.monotonic()
         # COPYs being ended (faulted receivers during the copy, everything at its end),
-        # advanced by the same wait loop as the data; and what went wrong doing it.
+        # and what went wrong doing it.
         self._aborts: Driver[Fitting] = Driver({})
         self._abort_errors: dict[Fitting, BaseException] = {}
 
@@ -224,13 +224,6 @@ class CopyManager:
             fitting.aborting(reason), time.monotonic() + ABORT_TIMEOUT
         )
 
-    def _advance_aborts(self, readable: set[int], writable: set[int]) -> None:
-        aborts = self._aborts
-        if not aborts.pending:
-            return
-        aborts.advance(readable, writable)
-        self._record_aborts()
-
     def _finish_aborts(self, fittings: list[Fitting], reason: BaseException | None) -> None:
         """Abort the fittings (and finish aborts under way) together, with one deadline."""
         for fitting in fittings:
@@ -335,12 +328,24 @@ class CopyManager:
             self.faults[receiver] = exc
             self._cycles_since_fault[receiver] = self._cycle
             if not receiver.reconcilable:
-                # Its COPY cannot be resumed: end it now (cancel, then read its end, in
-                # the wait loop beside the others), so the server keeps nothing of it and
-                # its connection is usable after a rollback.
                 self._begin_abort(receiver, exc)
             _note_kept(receiver, exc)
-        self._advance_aborts(set(), set())
+        if not self._aborts.pending:
+            return
+        # Their COPYs cannot be resumed: end them now (cancel, then read each one's end, all
+        # at once with one deadline) and release their connections, so that the caller can
+        # roll each back as soon as it sees the fault and the server keeps nothing. The
+        # others' clocks stop meanwhile: that pause is not theirs.
+        paused = time.monotonic()
+        self._aborts.run()
+        self._record_aborts()
+        for receiver in faults:
+            if not receiver.reconcilable:
+                _quietly(receiver.close)
+        pause = time.monotonic() - paused
+        for receiver in self.receivers:
+            receiver.progress_at += pause
+        self._producer_progress_at += pause
 
     def _wait(self, *, want_producer: bool) -> None:
         """Block until a socket can move data, a time-out comes, or MAX_WAIT passes."""
@@ -356,15 +361,8 @@ class CopyManager:
                 continue
             wants.append((fd, wait))
             deadline = min(deadline, receiver.progress_at + self.receiver_timeout)
-        for step in self._aborts.pending.values():
-            if step.want is not None:
-                wants.append(step.want)
-            deadline = min(deadline, step.deadline)
         if wants:
-            readable, writable = select_fds(wants, deadline - time.monotonic())
-        else:
-            readable, writable = set(), set()
-        self._advance_aborts(readable, writable)
+            select_fds(wants, deadline - time.monotonic())
 
     # Control.
 
