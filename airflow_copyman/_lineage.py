@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from airflow_copyman import _plan
+from airflow_copyman.load import _plan
 
 if TYPE_CHECKING:
     from airflow_copyman._destinations import TransferReport

@@ -7,9 +7,10 @@ works the same here. On top of it, :meth:`CopyManHook.transfer` streams the sour
 into every destination with the copy engine (:mod:`airflow_copyman.copyman`), each
 destination in its own transaction, committed only once it received every row.
 
-The values it takes and returns (:class:`Destination`, :class:`TransferReport`...) live in
-:mod:`airflow_copyman._destinations` and are re-exported here; the run of one transfer lives
-in :mod:`airflow_copyman._load`.
+The values it takes and returns (:class:`Destination`, :class:`TransferReport`...) and the
+run of one transfer live in :mod:`airflow_copyman.load`, which knows nothing of Airflow:
+the hook turns Airflow connections into its endpoints (:meth:`CopyManHook.endpoint`) and
+its errors into this provider's.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 from airflow.sdk.exceptions import AirflowNotFoundException
-from psycopg.rows import tuple_row
 from psycopg.types.json import register_default_adapters
 
-from airflow_copyman import _bounded, _plan, _session, copyman
+from airflow_copyman import copyman, load
 from airflow_copyman._destinations import (
     DESTINATION_KEYS,
     CopyManConfigError,
@@ -32,12 +32,14 @@ from airflow_copyman._destinations import (
     DestinationResult,
     Status,
     TransferReport,
+    config_error,
     destinations_from,
 )
-from airflow_copyman._ledger import Ledger
+from airflow_copyman.load import _bounded, _endpoint, _plan, _session
+from airflow_copyman.load._ledger import Ledger
 
 if TYPE_CHECKING:
-    from airflow_copyman._load import Transfer
+    from airflow_copyman.load import Transfer
 
 __all__ = [
     "APPLICATION_NAME",
@@ -136,7 +138,7 @@ class CopyManHook(PostgresHook):
 
     def get_conn(self) -> psycopg.Connection[Any]:
         """A new psycopg 3 connection, outside autocommit, with plain tuple rows, in UTF8
-        and with the session settings of :mod:`airflow_copyman._session` in force."""
+        and with the session settings of :mod:`airflow_copyman.load._session` in force."""
         self.check_connection()
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
@@ -144,21 +146,43 @@ class CopyManHook(PostgresHook):
                 "CopyMan needs psycopg 3 (PostgresHook chose psycopg2: install psycopg>=3.2 "
                 "and SQLAlchemy>=2)"
             )
-        # The connection's "cursor" extra may ask for dict rows: our queries want tuples.
-        conn.row_factory = tuple_row  # type: ignore[assignment]
         try:
-            conn.autocommit = True  # the check is one query, without BEGIN and ROLLBACK
-            _session.check(conn)
-            conn.autocommit = False
+            # Tuple rows (the "cursor" extra may ask for dicts), the session checked.
+            _endpoint.prepare(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def endpoint(self) -> load.Endpoint:
+        """This connection as the load layer's endpoint (what is wrong with it, if
+        anything, in its ``problem``)."""
+        try:
+            self.check_connection()
+        except CopyManConfigError as exc:
+            return load.Endpoint(self.conn_id, self.get_conn, problem=str(exc))
+        location = None
+        try:
+            conn = self.connection
+            location = (
+                f"postgres://{conn.host}:{conn.port or 5432}",
+                self.database or conn.schema or "postgres",
+            )
+            description = f"{conn.host}:{conn.port or 5432}/{self.database or conn.schema or ''}"
+        except Exception:  # lineage and descriptions are best effort
+            description = ""
+        return load.Endpoint(
+            self.conn_id,
+            self.get_conn,
+            description=description,
+            secrets=tuple(self.secrets),
+            location=location,
+        )
+
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        # Bounded waits (airflow_copyman._bounded): a default connect_timeout, and a
+        # Bounded waits (airflow_copyman.load._bounded): a default connect_timeout, and a
         # connection class whose statements a transfer can bound and stop.
         conn_args = _bounded.connect_args(_session.connect_args(conn_args))
         conn = _bounded.BoundedConnection.connect(**conn_args)
@@ -181,6 +205,7 @@ class CopyManHook(PostgresHook):
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         raise_on_failure: bool = True,
+        min_rows: int = 0,
     ) -> TransferReport:
         """Copy the rows of ``sql`` (a query or a table name) from this hook's connection
         into every destination, in one pass over the source.
@@ -200,16 +225,18 @@ class CopyManHook(PostgresHook):
             its ``report``. With ``raise_on_failure=False`` the report is returned instead.
         :returns: the report.
         """
-        from airflow_copyman._load import Transfer  # here: _load imports this module
-
-        run = Transfer(
-            self, sql, destinations, parameters=parameters, format=format, ledger=ledger,
-            on_commit=on_commit, progress_interval=progress_interval,
-            receiver_timeout=receiver_timeout,
-        )
-        self._transfer = run
         try:
+            run = load.Transfer(
+                self.endpoint(), sql, destinations,
+                endpoints=lambda conn_id: CopyManHook(conn_id).endpoint(),
+                parameters=parameters, format=format, ledger=ledger, on_commit=on_commit,
+                progress_interval=progress_interval, receiver_timeout=receiver_timeout,
+                min_rows=min_rows, log=self.log,
+            )
+            self._transfer = run
             report = run.run()
+        except load.ConfigError as exc:
+            raise config_error(exc) from None
         finally:
             self._transfer = None
         if raise_on_failure and report.failed:

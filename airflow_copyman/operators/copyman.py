@@ -1,7 +1,7 @@
 """CopyManOperator: one pass over a PostgreSQL source, loaded into many destinations.
 
 Retries load only what failed. Each destination loads in its own transaction, and a small
-ledger table in the destination database (:mod:`airflow_copyman._ledger`) records the load
+ledger table in the destination database (:mod:`airflow_copyman.load._ledger`) records the load
 in that same transaction: the data and the record of having loaded it commit together.
 The next try of the task skips every destination the ledger lists for this lineage of
 tries, so no destination is ever loaded twice by retries, not even when a try dies right
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _arguments, _plan
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -27,13 +26,14 @@ from airflow_copyman._destinations import (
     TransferReport,
     destinations_from,
 )
-from airflow_copyman._ledger import Ledger, TaskKey
 from airflow_copyman._outcome import (
     CopyManDestinationsFailed,
     CopyManPermanentFailure,
     failure_of,
 )
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
+from airflow_copyman.load import _arguments, _plan
+from airflow_copyman.load._ledger import Ledger, TaskKey
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

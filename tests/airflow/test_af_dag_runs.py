@@ -80,7 +80,7 @@ def test_fanout_to_three_destinations(fanout: tuple[Run, dict[str, Database]]) -
     assert totals["rows"] == 3000 and totals["bytes"] > 0 and totals["format"] == "binary"
     assert totals["destinations"] == [
         {"conn_id": conn_id, "table": table, "rows": 3000, "bytes": totals["bytes"],
-         "status": "loaded", "error": None}
+         "status": "loaded", "error": None, "mode": "append"}
         for conn_id, table in (("pg_d1", "orders"), ("pg_d2", "public.orders"),
                                ("pg_d3", "archive.orders"))
     ]

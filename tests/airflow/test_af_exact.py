@@ -14,14 +14,14 @@ import pytest
 from af_support import Database, PgServers
 from exact_support import checker, create_types, differences, dumps, type_columns, type_names
 
-from airflow_copyman import _plan, _session
-from airflow_copyman._ledger import Ledger, TaskKey
 from airflow_copyman.hooks.copyman import (
     CopyManConfigError,
     CopyManHook,
     Destination,
     TransferReport,
 )
+from airflow_copyman.load import _plan, _session
+from airflow_copyman.load._ledger import Ledger, TaskKey
 
 FORMATS = ("text", "csv", "binary")
 
@@ -566,7 +566,7 @@ def test_the_checks_and_the_copy_read_one_snapshot(
 ) -> None:
     """A row committed on the source after the checks began is not copied: the checks and
     the copy see one snapshot."""
-    from airflow_copyman import _load
+    from airflow_copyman.load import _run as _load
 
     src, dst = readonly_source
     planned = _load.Transfer._plan

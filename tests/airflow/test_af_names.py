@@ -8,8 +8,8 @@ import warnings
 import pytest
 from af_support import Database, PgServers
 
-from airflow_copyman._names import CopyManDeprecationWarning
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
+from airflow_copyman.load._names import CopyManDeprecationWarning
 
 MIXED_DDL = 'CREATE TABLE "Orders" ("Id" int PRIMARY KEY, "Day" date, amount numeric, "ID" int)'
 MIXED_ROWS = """INSERT INTO "Orders"

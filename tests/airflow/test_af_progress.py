@@ -12,9 +12,9 @@ import pytest
 import structlog
 from af_support import Database, PgServers, create_orders, create_orders_table
 
-from airflow_copyman import _estimate
-from airflow_copyman._plan import Source
 from airflow_copyman.hooks.copyman import CopyManHook, Destination
+from airflow_copyman.load import _estimate
+from airflow_copyman.load._plan import Source
 
 ROWS = 20_000
 PERCENT = re.compile(r", ~(\d+)% of ~([\d,]+) rows \(estimate\), ~(\w+) left \(estimate\)$")

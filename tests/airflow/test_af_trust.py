@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from af_support import Database, PgServers, create_orders, create_orders_table, rows_of
 
-from airflow_copyman import _bounded, copyman
-from airflow_copyman._ledger import Ledger, TaskKey
+from airflow_copyman import copyman
 from airflow_copyman._outcome import CopyManDestinationsFailed, CopyManPermanentFailure
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
+from airflow_copyman.load import _bounded
+from airflow_copyman.load._ledger import Ledger, TaskKey
 from airflow_copyman.testing.proxy import TcpProxy
 
 pytestmark = pytest.mark.usefixtures("airflow_db")

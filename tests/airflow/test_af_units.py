@@ -11,8 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_copyman import _classify, _estimate, _names, _plan, copyman
-from airflow_copyman._plan import Column, Source, TableName
+from airflow_copyman import copyman
+from airflow_copyman.load import _classify, _estimate, _names, _plan
+from airflow_copyman.load._plan import Column, Source, TableName
 
 
 @pytest.mark.parametrize(

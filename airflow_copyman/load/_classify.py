@@ -64,6 +64,9 @@ def is_permanent(exc: BaseException) -> bool:
     state = sqlstate(exc)
     if state is not None:
         return state[:2] in PERMANENT_CLASSES or state in PERMANENT_STATES
+    marked = getattr(exc, "permanent", None)
+    if isinstance(marked, bool):  # the load layer's own errors say it themselves
+        return marked
     if isinstance(exc, copyman.CopyUsageError):
         # The copy was set up wrongly (sessions that disagree, a statement of the wrong
         # kind): the same set-up fails the same way on every try.

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import pq
 
 if TYPE_CHECKING:
-    from airflow_copyman._plan import TableName
+    from airflow_copyman.load._plan import TableName
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class CopyManDeprecationWarning(DeprecationWarning):
 def sql_reading(text: str) -> str | None:
     """How PostgreSQL reads ``text`` as one SQL identifier (``"Id"`` -> ``Id``, ``ID`` ->
     ``id``), or None if it is not one: how column names were read before."""
-    from airflow_copyman._plan import _COLUMN_NAME, _unquote
+    from airflow_copyman.load._plan import _COLUMN_NAME, _unquote
 
     match = _COLUMN_NAME.match(text)
     return _unquote(match.group(1)) if match else None
@@ -59,7 +59,7 @@ def resolve_columns(given: Sequence[str], available: Sequence[str], table: str) 
     :raises PlanError: a name matches no column (with a hint where one differs only in case
         or quoting), or two names are the same column.
     """
-    from airflow_copyman._plan import PlanError
+    from airflow_copyman.load._plan import PlanError
 
     existing = set(available)
     resolved: list[str] = []

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import ClientCursor
 
-from airflow_copyman import _plan
+from airflow_copyman.load import _plan
 
 #: A percentage never reaches 100 while the copy runs: the estimate may be low.
 MAX_PERCENT = 99

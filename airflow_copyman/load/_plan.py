@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeAlias
 import psycopg
 from psycopg import ClientCursor, generators, pq, sql
 
-from airflow_copyman import _names
+from airflow_copyman.load import _names
 
 Format: TypeAlias = Literal["binary", "text", "csv"]
 FORMATS: tuple[Format, ...] = ("binary", "text", "csv")
@@ -108,7 +108,7 @@ def parse_table(text: str, what: str = "table") -> TableName:
 def parse_columns(columns: Iterable[str] | None, what: str) -> list[str] | None:
     """Column names, taken exactly as given (``Id`` is the column ``Id``): plain names, not
     SQL. They are matched against the table's columns when the table is described
-    (:func:`airflow_copyman._names.resolve_columns`)."""
+    (:func:`airflow_copyman.load._names.resolve_columns`)."""
     if columns is None:
         return None
     if isinstance(columns, str):
@@ -154,6 +154,8 @@ class Column:
     type_oid: int
     type_name: str  # format_type() of the type, without modifier
     type_kind: str  # pg_type.typtype: b(ase), e(num), c(omposite), r(ange), d(omain)...
+    #: format_type() with the modifier (``numeric(12,2)``): the type to create a column of.
+    type_sql: str = ""
 
     @property
     def is_oid_alias(self) -> bool:
@@ -229,13 +231,18 @@ class Source:
             raise PlanError(f"UndefinedTable [42P01]: {exc.diag.message_primary}{hint}") from None
 
 
-def copy_in(table: TableName, columns: Sequence[str] | None, fmt: Format) -> sql.Composed:
+def copy_in(
+    table: TableName, columns: Sequence[str] | None, fmt: Format, *, freeze: bool = False
+) -> sql.Composed:
+    """``COPY table (columns) FROM STDIN``; ``freeze`` where the table was created or
+    truncated by the same transaction (rows written frozen)."""
     target: sql.Composable = table.identifier
     if columns:
         target = sql.SQL("{} ({})").format(
             table.identifier, sql.SQL(", ").join(sql.Identifier(c) for c in columns)
         )
-    return sql.SQL("COPY {} FROM STDIN (FORMAT {})").format(target, sql.SQL(fmt))
+    options = sql.SQL("FORMAT {}, FREEZE" if freeze else "FORMAT {}").format(sql.SQL(fmt))
+    return sql.SQL("COPY {} FROM STDIN ({})").format(target, options)
 
 
 def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
@@ -253,23 +260,27 @@ def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
     (result,) = conn.wait(generators.execute(pgconn))
     if result.status != pq.ExecStatus.COMMAND_OK:
         raise psycopg.errors.error_from_result(result, encoding=encoding)
+    # The row description gives domains as their base type and typmod already.
     fields = [
-        ((result.fname(i) or b"?").decode(encoding), result.ftype(i))
+        ((result.fname(i) or b"?").decode(encoding), result.ftype(i), result.fmod(i))
         for i in range(result.nfields)
     ]
     if not fields:
         raise PlanError("sql returns no columns")
-    types = _type_info(conn, {oid for _, oid in fields})
-    return [Column(name, oid, *types[oid]) for name, oid in fields]
+    types = _type_info(conn, [(oid, mod) for _, oid, mod in fields])
+    return [Column(name, oid, *types[i]) for i, (name, oid, _) in enumerate(fields)]
 
 
-def _type_info(conn: psycopg.Connection[Any], oids: set[int]) -> dict[int, tuple[str, str]]:
+def _type_info(
+    conn: psycopg.Connection[Any], types: Sequence[tuple[int, int]]
+) -> list[tuple[str, str, str]]:
     rows = conn.execute(
-        "SELECT oid::int, format_type(oid, NULL), typtype::text FROM pg_type "
-        "WHERE oid = ANY(%s::oid[])",
-        [sorted(oids)],
+        "SELECT format_type(t.oid, NULL), t.typtype::text, format_type(t.oid, NULLIF(u.mod, -1)) "
+        "FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS u(oid, mod, n) "
+        "JOIN pg_type t ON t.oid = u.oid ORDER BY u.n",
+        [[oid for oid, _ in types], [mod for _, mod in types]],
     ).fetchall()
-    return {oid: (name, kind) for oid, name, kind in rows}
+    return [(name, kind, full) for name, kind, full in rows]
 
 
 # Domains are replaced by their base type, as the server does in a query's row description.
@@ -279,7 +290,9 @@ SELECT a.attname::text,
        format_type(bt.oid, NULL),
        bt.typtype::text,
        {generated} AS generated,
-       has_column_privilege(a.attrelid, a.attnum, %(privilege)s) AS allowed
+       has_column_privilege(a.attrelid, a.attnum, %(privilege)s) AS allowed,
+       format_type(bt.oid, NULLIF(CASE WHEN t.typtype = 'd' THEN t.typtypmod
+                                       ELSE a.atttypmod END, -1))
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -303,7 +316,7 @@ def table_columns(
     """The columns COPY reads (``source``) or writes for ``table``: the given ones, or every
     column but generated ones. None if the table does not exist; ``PlanError`` for a column
     that does not exist or may not be read/written. ``columns`` are names as given (see
-    :mod:`airflow_copyman._names`); the returned columns carry the names to write in SQL."""
+    :mod:`airflow_copyman.load._names`); the returned columns carry the names to write in SQL."""
     oid = table_oid(conn, table)
     if oid is None:
         return None
@@ -328,7 +341,42 @@ def table_columns(
             f"permission denied: no {privilege} privilege on table {table} "
             f"(column {', '.join(denied)})"
         )
-    return [Column(r[0], r[1], r[2], r[3]) for r in chosen]
+    return [Column(r[0], r[1], r[2], r[3], r[6]) for r in chosen]
+
+
+def insertable_names(conn: psycopg.Connection[Any], table: TableName) -> list[str] | None:
+    """The table's columns a COPY can fill (every one but generated ones), in table
+    order; None if the table does not exist."""
+    oid = table_oid(conn, table)
+    if oid is None:
+        return None
+    generated = "attgenerated = ''" if conn.info.server_version >= 120000 else "true"
+    rows = conn.execute(
+        f"SELECT attname::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "  # type: ignore[arg-type]
+        f"AND NOT attisdropped AND {generated} ORDER BY attnum",
+        [oid],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def match_by_name(source: Sequence[Column], names: Sequence[str]) -> list[str] | str:
+    """The destination columns for the source's columns: the ones of the same names, in
+    the source's order (the table's other columns take their defaults). When a source
+    column has no namesake but the counts are equal, the columns pair by position, as
+    before names were matched (``SELECT a AS x`` into a table of other names still loads);
+    otherwise the reason it cannot load."""
+    wanted = [c.name for c in source]
+    if set(wanted) <= set(names) and len(set(wanted)) == len(wanted):
+        return wanted
+    if len(wanted) == len(names):
+        return list(names)
+    missing = next((n for n in wanted if n not in names), None)
+    reason = column_mismatch(source, [Column(n, 0, "", "") for n in names]) or ""
+    if missing is not None:
+        reason += f"; the source's column {missing!r} has no destination column of that name"
+    else:
+        reason += "; the source names a column twice"
+    return reason
 
 
 def has_table_privilege(conn: psycopg.Connection[Any], table: TableName, privilege: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_copyman._plan import PlanError
+from airflow_copyman.load._plan import PlanError
 
 #: Plan nodes of a query that writes (ModifyTable) or locks rows for writing (LockRows).
 WRITING_NODES: Mapping[str, str] = {

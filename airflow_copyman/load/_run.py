@@ -1,51 +1,70 @@
-"""The run of one CopyMan transfer: connect, plan, per-destination transactions, ledger, progress.
+"""The run of one load: connect, plan, per-destination transactions, ledger, progress.
 
-:meth:`airflow_copyman.hooks.copyman.CopyManHook.transfer` creates a :class:`Transfer` and
-runs it; :class:`Target` is one destination during that run.
+It takes :class:`~airflow_copyman.load._endpoint.Endpoint` objects (psycopg connections,
+no Airflow): :meth:`airflow_copyman.hooks.copyman.CopyManHook.transfer` builds them from
+Airflow connections, creates a :class:`Transfer` and runs it; :class:`Target` is one
+destination during that run, its :class:`~airflow_copyman.load._mode.Mode` how its rows
+land.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
 
-from airflow_copyman import (
+from airflow_copyman import copyman
+from airflow_copyman.load import (
     _arguments,
     _bounded,
     _classify,
+    _create,
     _estimate,
     _identity,
+    _modes,
     _names,
     _plan,
     _readonly,
-    copyman,
 )
-from airflow_copyman._destinations import (
-    CopyManConfigError,
+from airflow_copyman.load._endpoint import Endpoint
+from airflow_copyman.load._ledger import Entry, Ledger
+from airflow_copyman.load._mode import Mode
+from airflow_copyman.load._plan import Column
+from airflow_copyman.load._spec import (
+    ConfigError,
     Destination,
     DestinationResult,
+    LoadError,
+    TooFewRowsError,
     TransferReport,
 )
-from airflow_copyman._ledger import Entry, Ledger
-from airflow_copyman.hooks.copyman import CopyManHook
+
+#: Where the load finds a destination's endpoint by its ``conn_id``.
+Endpoints = Mapping[str, Endpoint] | Callable[[str], Endpoint]
 
 
 class Target:
     """One destination during a transfer."""
 
-    def __init__(self, spec: Destination, hook: CopyManHook) -> None:
+    def __init__(self, spec: Destination, endpoint: Endpoint) -> None:
         self.spec = spec
-        self.hook = hook
-        self.result = DestinationResult(spec.conn_id, spec.table)
+        self.endpoint = endpoint
+        self.result = DestinationResult(spec.conn_id, spec.table, mode=spec.mode)
+        #: How its rows land (set once the table name is parsed).
+        self.mode: Mode | None = None
+        #: Create the table in the load transaction (create="if_missing", table missing).
+        self.create = False
         self.table: _plan.TableName | None = None
         self.columns: list[str] | None = None
         self.conn: psycopg.Connection[Any] | None = None
         self.receiver: copyman.StatementReceiver | None = None
         self.started = 0.0
+        #: The destination's columns the COPY fills, described (planning).
+        self.planned: list[Column] = []
         #: The schema of its ledger table (once known).
         self.ledger_schema: str | None = None
 
@@ -63,38 +82,43 @@ class Transfer:
 
     def __init__(
         self,
-        source: CopyManHook,
+        source: Endpoint,
         sql: str,
         destinations: Sequence[Destination | Mapping[str, Any]],
         *,
-        parameters: _plan.Params | None,
-        format: str | None,
-        ledger: Ledger | None,
-        on_commit: Callable[[DestinationResult], None] | None,
-        progress_interval: float,
-        receiver_timeout: float,
+        endpoints: Endpoints,
+        parameters: _plan.Params | None = None,
+        format: str | None = None,
+        ledger: Ledger | None = None,
+        on_commit: Callable[[DestinationResult], None] | None = None,
+        progress_interval: float = 5.0,
+        receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
+        min_rows: int = 0,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
-        self.hook = source
-        self.log = source.log
+        self.origin = source
+        self.log = log or logging.getLogger("airflow_copyman.load")
         self.sql = sql
+        self.endpoint_of = endpoints if callable(endpoints) else endpoints.__getitem__
         # Every argument is checked before any connection is used.
         try:
             _arguments.sql(sql)
             _arguments.parameters(parameters)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            self.min_rows = _arguments.count("min_rows", min_rows)
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise _arguments.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
                 )
             self.requested_format = _plan.normalize_format(format)
         except (_arguments.ArgumentError, _plan.PlanError) as exc:
-            raise CopyManConfigError(f"{exc}") from None
+            raise ConfigError(f"{exc}") from None
         if ledger is not None:
             try:
                 _arguments.ledger_schema(ledger.schema)
             except _arguments.ArgumentError as exc:
-                raise CopyManConfigError(f"{exc}") from None
+                raise ConfigError(f"{exc}") from None
         self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
         self.parameters = parameters or None
         #: The deadline of every statement, and the flag that stops the transfer.
@@ -119,14 +143,14 @@ class Transfer:
         try:
             self.source = _plan.Source.parse(sql)
         except _plan.PlanError as exc:
-            raise CopyManConfigError(f"source {source.conn_id}: {exc}") from None
+            raise ConfigError(f"source {source.name}: {exc}") from None
 
     # The phases.
 
     def run(self) -> TransferReport:
         started = time.monotonic()
         if not self.specs:
-            raise CopyManConfigError("no destinations: give at least one")
+            raise ConfigError("no destinations: give at least one")
         self._resolve()
         try:
             self._connect()
@@ -157,42 +181,38 @@ class Transfer:
         """Look every connection up before connecting anywhere: bad input fails first."""
         seen: dict[tuple[str, str], int] = {}
         errors = []
-        try:
-            self.hook.check_connection()
-        except CopyManConfigError as exc:
-            errors.append(f"source: {exc}")
-        self.secrets.extend(self.hook.secrets)
-        self._endpoint(self.hook)
+        if self.origin.problem is not None:
+            errors.append(f"source: {self.origin.problem}")
+        self._endpoint(self.origin)
+        endpoints: dict[str, Endpoint] = {}
         for i, spec in enumerate(self.specs):
             where = f"destination #{i + 1} ({spec.conn_id}, table {spec.table})"
-            target = Target(spec, CopyManHook(spec.conn_id))
+            if spec.conn_id not in endpoints:
+                endpoints[spec.conn_id] = self.endpoint_of(spec.conn_id)
+            target = Target(spec, endpoints[spec.conn_id])
             self.targets.append(target)
             try:
                 target.table = _plan.parse_table(spec.table)
                 target.columns = _plan.parse_columns(spec.columns, f"table {spec.table}")
-                target.hook.check_connection()
-            except (CopyManConfigError, _plan.PlanError) as exc:
+                target.mode = _modes.mode_for(spec, target.table)
+                if target.endpoint.problem is not None:
+                    raise ConfigError(target.endpoint.problem)
+            except (ConfigError, _plan.PlanError) as exc:
                 errors.append(f"{where}: {exc}")
                 continue
-            self.secrets.extend(target.hook.secrets)
-            self._endpoint(target.hook)
+            self._endpoint(target.endpoint)
             key = (spec.conn_id, str(target.table))
             if key in seen:
                 errors.append(f"{where}: the same table is destination #{seen[key] + 1} too")
             seen.setdefault(key, i)
         if errors:
-            raise CopyManConfigError(self._redact("; ".join(errors)))
+            raise ConfigError(self._redact("; ".join(errors)))
 
-    def _endpoint(self, hook: CopyManHook) -> None:
-        """Keep where a connection points (for lineage: no second look-up later)."""
-        try:
-            conn = hook.connection
-            self.endpoints[hook.conn_id] = (
-                f"postgres://{conn.host}:{conn.port or 5432}",
-                hook.database or conn.schema or "postgres",
-            )
-        except Exception:  # lineage is best effort
-            pass
+    def _endpoint(self, endpoint: Endpoint) -> None:
+        """Keep its secrets, and where it points (for lineage: no second look-up later)."""
+        self.secrets.extend(endpoint.secrets)
+        if endpoint.location is not None:
+            self.endpoints[endpoint.name] = endpoint.location
 
     def _connect(self) -> None:
         """Connect everywhere at once (each bounded by its connect_timeout); a connection
@@ -200,8 +220,8 @@ class Transfer:
         bad input, one that may come back fails its side."""
         errors = []
         source_error: BaseException | None = None
-        hooks = [self.hook, *(t.hook for t in self.targets)]
-        results = _bounded.connect_all([h.get_conn for h in hooks], self.bounds.stop)
+        ends = [self.origin, *(t.endpoint for t in self.targets)]
+        results = _bounded.connect_all([e.connect for e in ends], self.bounds.stop)
         src_result, *target_results = results
         if not isinstance(src_result, BaseException):
             self.src = self._bind(src_result)
@@ -218,19 +238,19 @@ class Transfer:
                 raise result
         if isinstance(src_result, BaseException):
             if _classify.is_permanent(src_result):
-                errors.append(f"source {self.hook.describe()}: {_classify.describe(src_result)}")
+                errors.append(f"source {self.origin.describe()}: {_classify.describe(src_result)}")
             source_error = src_result
         for i, (target, result) in enumerate(zip(self.targets, target_results, strict=True)):
             if isinstance(result, BaseException):
                 if _classify.is_permanent(result):
                     errors.append(
-                        f"destination #{i + 1} ({target.hook.describe()}): "
+                        f"destination #{i + 1} ({target.endpoint.describe()}): "
                         f"{_classify.describe(result)}"
                     )
                 else:
                     self._fail(target, result, "connecting")
         if errors:
-            raise CopyManConfigError(self._redact("; ".join(errors)))
+            raise ConfigError(self._redact("; ".join(errors)))
         self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
@@ -244,7 +264,7 @@ class Transfer:
             "(%s), %d to destinations (%s)",
             len(held) + (self.src is not None),
             "1" if self.src is not None else "0",
-            self.hook.conn_id,
+            self.origin.name,
             len(held),
             ", ".join(held) or "-",
         )
@@ -265,6 +285,8 @@ class Transfer:
             assert target.conn is not None and target.table is not None
             try:
                 schema = self.ledger.schema_for(target.conn, target.table)
+                if schema is None and target.spec.create == "if_missing":
+                    schema = _create.schema_for(target.conn, target.table)
                 target.ledger_schema = schema
                 entry = None
                 if schema is not None:
@@ -303,16 +325,16 @@ class Transfer:
                     psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
                 )
             _readonly.refuse_writes(src, select)
-            source_tables = _identity.source(src, f"source {self.hook.conn_id}")
+            source_tables = _identity.source(src, f"source {self.origin.name}")
             self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
         except _plan.PlanError as exc:
-            raise CopyManConfigError(
-                self._redact(f"source {self.hook.describe()}: {exc}")
+            raise ConfigError(
+                self._redact(f"source {self.origin.describe()}: {exc}")
             ) from None
         except psycopg.Error as exc:
             if _classify.is_permanent(exc):
-                raise CopyManConfigError(
-                    self._redact(f"source {self.hook.describe()}: {_classify.describe(exc)}")
+                raise ConfigError(
+                    self._redact(f"source {self.origin.describe()}: {_classify.describe(exc)}")
                 ) from exc
             self._source_failed(exc, "describing the source")
             return
@@ -327,21 +349,11 @@ class Transfer:
             assert target.conn is not None and target.table is not None
             where = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
             try:
-                columns = _plan.table_columns(target.conn, target.table, target.columns)
-                if columns is None:
-                    errors.append(f"{where}: {_names.missing_table(target.conn, target.table)}")
+                problem = self._plan_target(target, source_columns)
+                if problem is not None:
+                    errors.append(f"{where}: {problem}")
                     continue
-                if target.columns is not None:  # the names as the table spells them
-                    target.columns = [c.name for c in columns]
-                mismatch = _plan.column_mismatch(source_columns, columns)
-                if mismatch:
-                    errors.append(f"{where}: column count mismatch: {mismatch}")
-                    continue
-                if target.spec.truncate and not _plan.has_table_privilege(
-                    target.conn, target.table, "TRUNCATE"
-                ):
-                    errors.append(f"{where}: permission denied: no TRUNCATE privilege")
-                    continue
+                columns = target.planned
                 target.conn.rollback()
             except _plan.PlanError as exc:
                 errors.append(f"{where}: {exc}")
@@ -366,7 +378,7 @@ class Transfer:
                 + " (leave format unset to copy such columns in text)"
             )
         if errors:
-            raise CopyManConfigError(self._redact("; ".join(errors)))
+            raise ConfigError(self._redact("; ".join(errors)))
         if self.requested_format is not None:
             self.format = self.requested_format
         elif binary_ok:
@@ -374,6 +386,43 @@ class Transfer:
         else:
             self.format = "text"
             self.log.info("Column types differ (%s): copying in text format", difference)
+
+    def _plan_target(self, target: Target, source_columns: list[Column]) -> str | None:
+        """Describe the destination's columns for the source's (``target.planned``), or
+        say why it cannot load them."""
+        conn, table, mode = target.conn, target.table, target.mode
+        assert conn is not None and table is not None and mode is not None
+        names: list[str] | str | None = target.columns
+        if names is None:
+            found = _plan.insertable_names(conn, table)
+            if found is None:
+                if target.spec.create != "if_missing":
+                    return _names.missing_table(conn, table)
+                problem = _create.check(conn, table)
+                if problem is not None:
+                    return problem
+                target.create = mode.created = True
+                target.planned = list(source_columns)
+                target.columns = mode.columns = [c.name for c in source_columns]
+                if len(set(target.columns)) != len(target.columns):
+                    return "create='if_missing': the source names a column twice"
+                missing = [k for k in mode.key if k not in target.columns]
+                if missing:
+                    return f"the merge key column {missing[0]!r} is not a column of the source"
+                return None
+            names = _plan.match_by_name(source_columns, found)
+            if isinstance(names, str):
+                return f"column count mismatch: {names}"
+        columns = _plan.table_columns(conn, table, names)
+        if columns is None:
+            return _names.missing_table(conn, table)
+        mismatch = _plan.column_mismatch(source_columns, columns)
+        if mismatch:
+            return f"column count mismatch: {mismatch}"
+        # The names as the table spells them.
+        target.columns = mode.columns = [c.name for c in columns]
+        target.planned = columns
+        return mode.check(conn, target.columns)
 
     def _same_tables(self, source_tables: _identity.Tables) -> list[str]:
         """Refuse destinations that are one table, or a table the source reads, whatever
@@ -407,6 +456,8 @@ class Transfer:
             try:
                 if schema is None:
                     schema = self.ledger.schema_for(target.conn, target.table)
+                    if schema is None and target.create:
+                        schema = _create.schema_for(target.conn, target.table)
                     target.ledger_schema = schema
                 if schema is None:  # pragma: no cover - planning found the table
                     raise _plan.PlanError(f"table {target.table} does not exist")
@@ -424,7 +475,7 @@ class Transfer:
                 else:
                     self._fail(target, exc, "creating the ledger table")
         if errors:
-            raise CopyManConfigError(self._redact("; ".join(errors)))
+            raise ConfigError(self._redact("; ".join(errors)))
 
     def _load(self) -> None:
         """Open each destination's transaction, run the copy, commit what completed."""
@@ -474,18 +525,23 @@ class Transfer:
         return True
 
     def _begin(self, target: Target) -> bool:
-        """The load transaction, up to the COPY: TRUNCATE, preoperator."""
+        """The load transaction, up to the COPY: create the table, the mode's start
+        (TRUNCATE, DELETE, the merge's staging table), the preoperator."""
         conn = target.conn
         assert conn is not None and target.table is not None
+        mode = target.mode
+        assert mode is not None
+        doing = "creating the table"
         try:
-            if target.spec.truncate:
-                conn.execute(
-                    psycopg.sql.SQL("TRUNCATE TABLE {}").format(target.table.identifier)
-                )
+            if target.create:
+                conn.execute(_create.statement(target.table, target.planned, mode.key or None))
+            doing = f"starting the {mode.name} (mode={mode.name!r})"
+            mode.begin(conn)
+            doing = "running the preoperator"
             for statement in target.spec.statements:
                 conn.execute(statement)  # type: ignore[call-overload]
         except psycopg.Error as exc:
-            self._fail(target, exc, "running truncate/preoperator")
+            self._fail(target, exc, doing)
             self._rollback(target)
             return False
         target.started = time.monotonic()
@@ -500,8 +556,9 @@ class Transfer:
             receivers: dict[copyman.Receiver, Target] = {}
             for target in loading:
                 assert target.conn is not None and target.table is not None
+                assert target.mode is not None
                 receiver: copyman.StatementReceiver = copyman.StatementReceiver(
-                    target.conn, _plan.copy_in(target.table, target.columns, self.format)
+                    target.conn, target.mode.copy_in(self.format)
                 )
                 target.receiver = receiver
                 receivers[receiver] = target
@@ -522,7 +579,7 @@ class Transfer:
         self.log.info(
             "Copying %s from %s into %d destination(s) in %s format: %s",
             self.source.table or "the query's rows",
-            self.hook.describe(),
+            self.origin.describe(),
             len(loading),
             self.format,
             ", ".join(t.label for t in loading),
@@ -585,9 +642,9 @@ class Transfer:
     ) -> str:
         if exc.producer_fault is not None:
             if _classify.is_permanent(exc.producer_fault):
-                raise CopyManConfigError(
+                raise ConfigError(
                     self._redact(
-                        f"source {self.hook.describe()}: "
+                        f"source {self.origin.describe()}: "
                         f"{_classify.describe(exc.producer_fault)}"
                     )
                 ) from exc.producer_fault
@@ -622,7 +679,9 @@ class Transfer:
             for failed in receivers.values():
                 if failed.pending:
                     self._fail(
-                        failed, source_error, f"source {self.hook.describe()} failed while copying"
+                        failed,
+                        source_error,
+                        f"source {self.origin.describe()} failed while copying",
                     )
         for receiver, error in exc.receiver_faults.items():
             target = receivers.get(receiver)
@@ -644,6 +703,17 @@ class Transfer:
         producer = self.producer
         assert producer is not None
         ready: list[Target] = []
+        found = producer.server_rows
+        if found is not None and found < self.min_rows:
+            # Before any destination commits: late data may still arrive (transient).
+            short = TooFewRowsError(
+                f"the source yielded {found} row(s), fewer than min_rows={self.min_rows}: "
+                "nothing was committed"
+            )
+            for target in loading:
+                self._fail(target, short, "checking min_rows")
+                self._rollback(target)
+            return
         for target in loading:
             conn, receiver = target.conn, target.receiver
             assert conn is not None and receiver is not None and target.table is not None
@@ -657,6 +727,8 @@ class Transfer:
                 # destination is committed only on the servers' own word.
                 self._fail(target, _count_error(target, rows, producer.server_rows), "checking")
                 self._rollback(target)
+                continue
+            if not self._finish(target, rows):
                 continue
             try:
                 if self.ledger is not None and target.ledger_schema is not None:
@@ -706,6 +778,23 @@ class Transfer:
                 continue
             self._committed(target)
 
+    def _finish(self, target: Target, rows: int) -> bool:
+        """After the COPY, in the load transaction: the mode's end (the merge), then the
+        postoperator. False (rolled back) if either fails."""
+        conn, mode = target.conn, target.mode
+        assert conn is not None and mode is not None
+        doing = f"applying the {mode.name}"
+        try:
+            mode.finish(conn, rows)
+            doing = "running the postoperator"
+            for statement in target.spec.post_statements:
+                conn.execute(statement)  # type: ignore[call-overload]
+        except (psycopg.Error, copyman.Cancelled, LoadError) as exc:
+            self._fail(target, exc, doing)
+            self._rollback(target)
+            return False
+        return True
+
     def _committed(self, target: Target) -> None:
         receiver = target.receiver
         assert receiver is not None and receiver.server_rows is not None
@@ -714,6 +803,8 @@ class Transfer:
         result.rows, result.bytes = receiver.server_rows, receiver.bytes
         result.try_number = self.ledger.key.try_number if self.ledger else None
         result.seconds = time.monotonic() - target.started
+        if target.mode is not None and target.mode.name == "merge":
+            result.inserted, result.updated = target.mode.inserted, target.mode.updated
         self.log.info("%s: committed %d rows", target.label, result.rows)
         if self.on_commit is not None:
             try:
@@ -758,8 +849,8 @@ class Transfer:
     def _redact(self, text: str) -> str:
         return _classify.redact(text, self.secrets)
 
-    def _config_error(self, target: Target, exc: BaseException, doing: str) -> CopyManConfigError:
-        return CopyManConfigError(
+    def _config_error(self, target: Target, exc: BaseException, doing: str) -> ConfigError:
+        return ConfigError(
             self._redact(f"{target.label}: {doing}: {_classify.describe(exc)}")
         )
 
@@ -780,7 +871,7 @@ class Transfer:
 
     def _source_failed(self, exc: BaseException, doing: str) -> None:
         for target in self._pending():
-            self._fail(target, exc, f"source {self.hook.conn_id}: {doing}")
+            self._fail(target, exc, f"source {self.origin.name}: {doing}")
 
     def _already_loaded(self, target: Target, entry: Entry) -> None:
         result = target.result
@@ -825,7 +916,7 @@ class Transfer:
             self.log.info(
                 "%s source %s: %d rows, %s, %s/s%s",
                 "Done:" if final else "Progress:",
-                self.hook.conn_id,
+                self.origin.name,
                 producer.rows,
                 _size(producer.bytes),
                 _size(producer.bytes / elapsed),
@@ -850,7 +941,7 @@ class Transfer:
             report.seconds,
             report.rows,
             _size(report.bytes),
-            self.hook.conn_id,
+            self.origin.name,
             report.format or "n/a",
         )
         for result in report.destinations:

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_copyman._plan import TableName
+from airflow_copyman.load._plan import TableName
 
 TABLE = "copyman_ledger"
 

@@ -34,7 +34,7 @@ def seconds(name: str, value: Any, *, zero_ok: bool) -> float:
     """A number of seconds: an int or float (not a bool, not a string), finite, positive
     (or zero where ``zero_ok``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ArgumentError(f"{name} must be a number of seconds, got {_kind(value)}")
+        raise ArgumentError(f"{name} must be a number of seconds, got {kind(value)}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         bound = "zero or more" if zero_ok else "more than zero"
         raise ArgumentError(f"{name} must be {bound} seconds, got {value!r}")
@@ -48,7 +48,7 @@ def parameters(value: Any) -> None:
     if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
         raise ArgumentError(
             "parameters must be a list (for %s placeholders) or a mapping (for %(name)s), "
-            f"got {_kind(value)}"
+            f"got {kind(value)}"
         )
 
 
@@ -59,14 +59,14 @@ def ledger_schema(value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ArgumentError(
             f"ledger_schema must be a schema name, or None for the destination table's "
-            f"schema, got {_kind(value)}"
+            f"schema, got {kind(value)}"
         )
     no_nul(f"ledger_schema {value!r}", value)
 
 
 def sql(value: Any) -> None:
     if not isinstance(value, str):
-        raise ArgumentError(f"sql must be a query or a table name, got {_kind(value)}")
+        raise ArgumentError(f"sql must be a query or a table name, got {kind(value)}")
     no_nul("sql", value)
 
 
@@ -82,10 +82,21 @@ def boolean(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ArgumentError(f"{name} must be true or false, got {_kind(value)}")
+    raise ArgumentError(f"{name} must be true or false, got {kind(value)}")
 
 
-def _kind(value: Any) -> str:
+def kind(value: Any) -> str:
     if isinstance(value, str):
         return f"the string {value!r}" if value else "an empty string"
     return type(value).__name__
+
+
+def count(name: str, value: Any) -> int:
+    """A whole number, zero or more (not a bool; a string of digits, as Jinja renders one)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentError(f"{name} must be a whole number, got {kind(value)}")
+    if value < 0:
+        raise ArgumentError(f"{name} must be zero or more, got {value!r}")
+    return value

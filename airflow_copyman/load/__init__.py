@@ -1,0 +1,97 @@
+"""What a load is, without Airflow: endpoints, destinations, the run of a load, its report.
+
+Everything here takes psycopg connections (through :class:`Endpoint`) and imports nothing
+from Airflow, so that the Airflow provider (:mod:`airflow_copyman.hooks`,
+:mod:`airflow_copyman.operators`), a command line or another orchestrator run exactly the
+same loads::
+
+    from airflow_copyman import load
+
+    src = load.postgres("src", "postgresql://reader@db1/sales")
+    wh = load.postgres("wh", "postgresql://loader@db2/warehouse")
+    report = load.run(
+        src, "SELECT * FROM orders WHERE day = current_date",
+        [load.Destination("wh", "public.orders", mode="merge", key=("id",))],
+        endpoints={"wh": wh},
+    )
+    report.failed      # [] or the DestinationResults that failed (rolled back)
+
+Errors: :class:`ConfigError` (bad input, found before anything was written) is raised;
+a destination that fails is rolled back and reported (``status="failed"``, ``permanent``
+says whether a retry could help); the others commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
+from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
+from airflow_copyman.load._mode import Mode
+from airflow_copyman.load._plan import Params
+from airflow_copyman.load._run import Endpoints, Transfer
+from airflow_copyman.load._spec import (
+    DESTINATION_KEYS,
+    ConfigError,
+    Destination,
+    DestinationResult,
+    DuplicateKeyError,
+    LoadError,
+    Status,
+    TooFewRowsError,
+    TransferReport,
+    destinations_from,
+)
+
+__all__ = [
+    "DESTINATION_KEYS",
+    "ConfigError",
+    "Destination",
+    "DestinationResult",
+    "DuplicateKeyError",
+    "Endpoint",
+    "Endpoints",
+    "Entry",
+    "Ledger",
+    "LoadError",
+    "Mode",
+    "Status",
+    "TaskKey",
+    "TooFewRowsError",
+    "Transfer",
+    "TransferReport",
+    "destinations_from",
+    "open_connection",
+    "postgres",
+    "run",
+]
+
+
+def run(
+    source: Endpoint,
+    sql: str,
+    destinations: Sequence[Destination | Mapping[str, Any]],
+    *,
+    endpoints: Endpoints,
+    parameters: Params | None = None,
+    format: str | None = None,
+    ledger: Ledger | None = None,
+    on_commit: Callable[[DestinationResult], None] | None = None,
+    progress_interval: float = 5.0,
+    receiver_timeout: float = 300.0,
+    min_rows: int = 0,
+    log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+) -> TransferReport:
+    """Copy the rows of ``sql`` (a query or a table name) from ``source`` into every
+    destination (each finds its endpoint in ``endpoints`` by its ``conn_id``), in one pass.
+
+    :raises ConfigError: bad input, found before any destination was written.
+    :returns: the report (failed destinations are in it, rolled back).
+    """
+    return Transfer(
+        source, sql, destinations, endpoints=endpoints, parameters=parameters, format=format,
+        ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
+        receiver_timeout=receiver_timeout, min_rows=min_rows, log=log,
+    ).run()

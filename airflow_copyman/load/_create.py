@@ -1,0 +1,70 @@
+"""``create="if_missing"``: create a missing destination table from the source's columns.
+
+The table gets the source query's result columns with their exact types (type modifiers
+included; domains as their base type, as the query's row description gives them), in the
+load transaction: a load that fails leaves no table behind. With ``mode="merge"`` its key
+becomes the primary key. The schema must exist: a typo in a schema name is an error, not a
+new schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_copyman.load import _plan
+
+
+def schema_for(conn: psycopg.Connection[Any], table: _plan.TableName) -> str | None:
+    """The schema the table would be created in (its own, else the first of the
+    search path that exists), or None."""
+    if table.schema is not None:
+        return table.schema
+    row = conn.execute("SELECT current_schema()::text").fetchone()
+    return row[0] if row else None
+
+
+def check(conn: psycopg.Connection[Any], table: _plan.TableName) -> str | None:
+    """Why the table cannot be created here, or None."""
+    schema = schema_for(conn, table)
+    if schema is None:
+        return (
+            f"table {table} does not exist, and create='if_missing' finds no schema to "
+            "create it in (none of the search_path exists): name the schema"
+        )
+    row = conn.execute(
+        "SELECT to_regnamespace(%s) IS NOT NULL, "
+        "to_regnamespace(%s) IS NOT NULL AND has_schema_privilege(%s, 'CREATE')",
+        [_quote(schema), _quote(schema), schema],
+    ).fetchone()
+    if not row or not row[0]:
+        return (
+            f"table {table} does not exist, nor its schema {schema!r}: create='if_missing' "
+            "creates tables, not schemas"
+        )
+    if not row[1]:
+        return f"table {table} does not exist; permission denied: no CREATE privilege on " \
+            f"schema {schema!r}"
+    return None
+
+
+def statement(
+    table: _plan.TableName, columns: Sequence[_plan.Column], key: Sequence[str] | None
+) -> sql.Composed:
+    """``CREATE TABLE`` with the columns' exact types (and the key as primary key)."""
+    parts: list[sql.Composable] = [
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type_sql or c.type_name))
+        for c in columns
+    ]
+    if key:
+        parts.append(
+            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+        )
+    return sql.SQL("CREATE TABLE {} ({})").format(table.identifier, sql.SQL(", ").join(parts))
+
+
+def _quote(ident: str) -> str:
+    return '"' + ident.replace('"', '""') + '"'

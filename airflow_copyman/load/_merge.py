@@ -1,0 +1,121 @@
+"""``mode="merge"``: rows whose key is in the table are updated, the others inserted.
+
+The COPY streams into a temporary staging table (created in the load transaction, dropped
+at its end), which is then applied with UPDATE ... FROM and INSERT ... WHERE NOT EXISTS:
+no unique index on the key is needed, and the two statements' row counts are the
+``updated`` and ``inserted`` counts. A key that occurs twice in the source is refused
+before the table is touched (which of the two rows would win is not the load's to guess).
+Rows whose key has a NULL never match (SQL equality), so they are inserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_copyman.load import _plan
+from airflow_copyman.load._mode import Mode
+from airflow_copyman.load._spec import DuplicateKeyError
+
+#: PostgreSQL 15: the oldest release still supported (and MERGE's).
+MIN_SERVER_VERSION = 150000
+#: The staging table, in the session's own temporary schema.
+STAGE = sql.Identifier("pg_temp", "copyman_merge_stage")
+
+
+class Merge(Mode):
+    name = "merge"
+    privileges = ("SELECT", "UPDATE")
+
+    def check(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> str | None:
+        version = conn.info.server_version
+        if version < MIN_SERVER_VERSION:
+            return (
+                f"mode='merge' needs PostgreSQL 15 or later; this server is "
+                f"{version // 10000}.{version % 10000}"
+            )
+        missing = [k for k in self.key if k not in columns]
+        if missing:
+            return (
+                f"the merge key column {missing[0]!r} is not among the columns loaded "
+                f"({', '.join(columns)})"
+            )
+        return super().check(conn, columns)
+
+    def begin(self, conn: psycopg.Connection[Any]) -> None:
+        assert self.columns is not None
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(STAGE))
+        # Exactly the loaded columns, with the table's types (and typmods); no
+        # constraints, so the duplicate-key check below can say which key repeats.
+        conn.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
+            .format(STAGE, self._cols(), self.table.identifier)
+        )
+
+    def copy_in(self, fmt: _plan.Format) -> sql.Composed:
+        target = sql.SQL("{} ({})").format(STAGE, self._cols())
+        return sql.SQL("COPY {} FROM STDIN (FORMAT {})").format(target, sql.SQL(fmt))
+
+    def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
+        assert self.columns is not None
+        keys = sql.SQL(", ").join(map(sql.Identifier, self.key))
+        duplicate = conn.execute(
+            sql.SQL("SELECT {texts} FROM {s} GROUP BY {k} HAVING count(*) > 1 LIMIT 1").format(
+                texts=sql.SQL(", ").join(
+                    sql.SQL("{}::text").format(sql.Identifier(k)) for k in self.key
+                ),
+                s=STAGE,
+                k=keys,
+            )
+        ).fetchone()
+        if duplicate is not None:
+            value = ", ".join(f"{k}={v!r}" for k, v in zip(self.key, duplicate, strict=True))
+            raise DuplicateKeyError(
+                f"table {self.table}: the merge key ({', '.join(self.key)}) occurs more than "
+                f"once in the source ({value}, for one): nothing was written"
+            )
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{k} = s.{k}").format(k=sql.Identifier(k)) for k in self.key
+        )
+        others = [c for c in self.columns if c not in self.key]
+        if others:
+            updated = conn.execute(
+                sql.SQL("UPDATE {t} AS t SET {sets} FROM {s} AS s WHERE {match}").format(
+                    t=self.table.identifier,
+                    sets=sql.SQL(", ").join(
+                        sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in others
+                    ),
+                    s=STAGE,
+                    match=match,
+                )
+            ).rowcount
+        else:  # only key columns: a found row has nothing to change
+            found = conn.execute(
+                sql.SQL("SELECT count(*) FROM {s} AS s WHERE EXISTS "
+                        "(SELECT FROM {t} AS t WHERE {match})").format(
+                    s=STAGE, t=self.table.identifier, match=match
+                )
+            ).fetchone()
+            updated = found[0] if found else 0
+        inserted = conn.execute(
+            sql.SQL("INSERT INTO {t} ({cols}) SELECT {scols} FROM {s} AS s WHERE NOT EXISTS "
+                    "(SELECT FROM {t} AS t WHERE {match})").format(
+                t=self.table.identifier,
+                cols=self._cols(),
+                scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c))
+                                         for c in self.columns),
+                s=STAGE,
+                match=match,
+            )
+        ).rowcount
+        self.updated, self.inserted = updated, inserted
+
+    def written(self) -> tuple[sql.Composable, sql.Composable]:
+        return STAGE, sql.SQL("true")
+
+    def _cols(self) -> sql.Composable:
+        assert self.columns is not None
+        return sql.SQL(", ").join(map(sql.Identifier, self.columns))

@@ -1,0 +1,60 @@
+"""What a load mode is: how one destination's rows land in its table, in its transaction.
+
+Each mode is a small class (:mod:`._append`, :mod:`._replace`, :mod:`._merge`) with the same
+steps, all run in the destination's one load transaction: :meth:`Mode.check` while planning
+(nothing written yet), :meth:`Mode.begin` before the COPY, :meth:`Mode.copy_in` the COPY
+statement, :meth:`Mode.finish` after the COPY (before the postoperator, the ledger row and
+the commit), and :meth:`Mode.written`: the rows this transaction wrote, for verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import psycopg
+from psycopg import sql
+
+from airflow_copyman.load import _plan
+
+
+class Mode:
+    """One destination's load mode (the base: append's COPY into the table)."""
+
+    name: ClassVar[str] = "append"
+    #: Table privileges the mode needs besides INSERT on the columns.
+    privileges: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, table: _plan.TableName, key: Sequence[str] | None = None) -> None:
+        self.table = table
+        self.key = list(key or ())
+        #: The columns the COPY fills (None: every column but generated ones).
+        self.columns: list[str] | None = None
+        #: Whether the table was created by this transaction (COPY may then FREEZE).
+        self.created = False
+        #: Merge only: rows updated and inserted.
+        self.inserted: int | None = None
+        self.updated: int | None = None
+
+    def check(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> str | None:
+        """Why this mode cannot load the table (planning, nothing written), or None.
+        ``columns``: the table columns the COPY fills."""
+        for privilege in self.privileges:
+            if not _plan.has_table_privilege(conn, self.table, privilege):
+                return f"permission denied: no {privilege} privilege (mode={self.name!r})"
+        return None
+
+    def begin(self, conn: psycopg.Connection[Any]) -> None:
+        """Statements before the COPY, in the load transaction."""
+
+    def copy_in(self, fmt: _plan.Format) -> sql.Composed:
+        """The COPY ... FROM STDIN statement."""
+        return _plan.copy_in(self.table, self.columns, fmt, freeze=self.created)
+
+    def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
+        """Statements after the COPY (``rows`` arrived), in the load transaction."""
+
+    def written(self) -> tuple[sql.Composable, sql.Composable]:
+        """The relation and the condition that select the rows this transaction wrote
+        (for a checksum of what landed): here the rows it inserted."""
+        return self.table.identifier, sql.SQL("xmin = pg_current_xact_id()::xid")
