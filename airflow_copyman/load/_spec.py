@@ -184,10 +184,10 @@ class Destination:
             )
         if not later(mode) and mode == "merge" and key is None:
             raise ConfigError(f"{where}: mode='merge' needs 'key' (the key's column names)")
-        if not later(mode) and mode not in (None, "merge") and key is not None:
+        if not later(mode) and mode != "merge" and key is not None:
             raise ConfigError(f"{where}: 'key' is for mode='merge', not mode={mode or 'append'!r}")
         if (
-            not later(mode) and value.get("replace_with") is not None
+            not later(mode) and replace_with == "delete"
             and mode != "replace" and not (mode is None and truncate is True)
         ):
             raise ConfigError(f"{where}: 'replace_with' is for mode='replace'")

@@ -71,9 +71,12 @@ class CopyManOperator(BaseOperator):
     :param destinations: a list of mappings, one per destination: ``conn_id``, ``table``
         (SQL: ``schema.table``, quoted where needed) and optionally ``columns`` (the
         table's columns to fill, in the source's column order: plain names, exactly as the
-        table spells them), ``truncate`` (empty the table first) and ``preoperator`` (SQL, or a list
-        of SQL, run before the COPY). TRUNCATE, preoperator and COPY share the load's
-        transaction. (templated)
+        table spells them), ``mode`` (``append``, ``replace`` with ``replace_with``
+        ``truncate``/``delete``, ``merge`` with ``key``), ``create`` (``if_missing``),
+        ``truncate`` (shorthand for ``mode="replace"``), ``preoperator`` and
+        ``postoperator`` (SQL, or a list of SQL, run before / after the COPY): all in the
+        load's one transaction, with its ledger row (see
+        :class:`airflow_copyman.load.Destination`). (templated)
     :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every
         destination's column types equal the source's, text otherwise. ``binary`` where
         they differ is refused before any data moves.
@@ -90,6 +93,8 @@ class CopyManOperator(BaseOperator):
     :param receiver_timeout: seconds a source or destination may move nothing before it
         fails; every statement the task runs itself (ledger, planning, truncate,
         preoperators, commits) must answer within it too.
+    :param min_rows: a source that yields fewer rows fails the task before any destination
+        commits (a transient failure: late data may still arrive); default 0.
     """
 
     template_fields: Sequence[str] = ("source_conn_id", "sql", "destinations", "parameters")
@@ -114,6 +119,7 @@ class CopyManOperator(BaseOperator):
         resume_on_clear: bool = False,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
+        min_rows: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -127,6 +133,7 @@ class CopyManOperator(BaseOperator):
         self.resume_on_clear = resume_on_clear
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
+        self.min_rows = min_rows
         self._hook: CopyManHook | None = None
         self._killed = False
         self._report: TransferReport | None = None
@@ -142,6 +149,7 @@ class CopyManOperator(BaseOperator):
             if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
+            _arguments.count("min_rows", min_rows)
             if not isinstance(ledger, bool):
                 raise _arguments.ArgumentError(
                     f"ledger must be true or false, got {type(ledger).__name__}"
@@ -233,6 +241,7 @@ class CopyManOperator(BaseOperator):
                     on_commit=lambda result: state.record(result, ti.try_number),
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
+                    min_rows=self.min_rows,
                     raise_on_failure=False,
                 )
             else:

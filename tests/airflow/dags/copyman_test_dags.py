@@ -263,3 +263,16 @@ with DAG("copyman_test_lineage", schedule=None, start_date=START) as lineage_dag
         destinations=[{"conn_id": "ol_meta_dst", "table": "orders"}],
         retries=0,
     )
+
+
+# A merge destination whose backend dies while the merge applies, on the first try only.
+with DAG(
+    "copyman_test_merge_retry", schedule=None, start_date=START, default_args=DEFAULTS
+) as merge_retry_dag:
+    CopyManOperator(
+        task_id="merge_retry",
+        source_conn_id="pg_src",
+        sql="items",
+        destinations=[{"conn_id": "pg_d1", "table": "items", "mode": "merge", "key": ["id"]}],
+        retries=2,
+    )
