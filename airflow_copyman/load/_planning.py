@@ -1,0 +1,160 @@
+"""Phase 2 of a load: describe the source and every destination, pick the format, refuse
+bad input before anything is written (in the source's one snapshot)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from airflow_copyman.load import (
+    _classify,
+    _create,
+    _estimate,
+    _identity,
+    _names,
+    _plan,
+    _readonly,
+)
+from airflow_copyman.load._plan import Column
+from airflow_copyman.load._spec import (
+    ConfigError,
+)
+from airflow_copyman.load._state import State, Target
+
+
+class Planning(State):
+    """Describing both sides and choosing the format."""
+
+    def _plan(self) -> None:
+        assert self.src is not None
+        src = self.src
+        try:
+            # Everything below runs in the source's one read-only transaction (its snapshot
+            # is the copy's too): no rollback until the copy is over.
+            source_columns = self.source.describe(src, self.parameters)
+            select = self.source.select(source_columns)
+            if self.parameters and self.source.query is not None:
+                select = psycopg.sql.SQL(  # type: ignore[assignment]
+                    psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
+                )
+            _readonly.refuse_writes(src, select)
+            source_tables = _identity.source(src, f"source {self.origin.name}")
+            self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
+        except _plan.PlanError as exc:
+            raise ConfigError(
+                self._redact(f"source {self.origin.describe()}: {exc}")
+            ) from None
+        except psycopg.Error as exc:
+            if _classify.is_permanent(exc):
+                raise ConfigError(
+                    self._redact(f"source {self.origin.describe()}: {_classify.describe(exc)}")
+                ) from exc
+            self._source_failed(exc, "describing the source")
+            return
+        self.source_columns = source_columns
+        errors = self._same_tables(source_tables)
+        binary_ok = True
+        difference = None
+        binary_refusals = []
+        for i, target in enumerate(self.targets):
+            if not target.pending:
+                continue
+            assert target.conn is not None and target.table is not None
+            where = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
+            try:
+                problem = self._plan_target(target, source_columns)
+                if problem is not None:
+                    errors.append(f"{where}: {problem}")
+                    continue
+                columns = target.planned
+                target.conn.rollback()
+            except _plan.PlanError as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(f"{where}: {_classify.describe(exc)}")
+                else:
+                    self._fail(target, exc, "checking the table")
+                continue
+            if not _plan.binary_safe(source_columns, columns):
+                binary_ok = False
+                here = _plan.first_type_difference(source_columns, columns)
+                difference = difference or here
+                binary_refusals.append(f"{where}: column {here}")
+        if self.requested_format == "binary" and binary_refusals:
+            # Binary COPY carries each type's own binary form: another type reads it as
+            # something else (int8 1 as numeric 0.0) or not at all, and no server checks.
+            errors.append(
+                "format='binary' needs the same types on both sides: "
+                + "; ".join(binary_refusals)
+                + " (leave format unset to copy such columns in text)"
+            )
+        if errors:
+            raise ConfigError(self._redact("; ".join(errors)))
+        if self.requested_format is not None:
+            self.format = self.requested_format
+        elif binary_ok:
+            self.format = "binary"
+        else:
+            self.format = "text"
+            self.log.info("Column types differ (%s): copying in text format", difference)
+
+    def _plan_target(self, target: Target, source_columns: list[Column]) -> str | None:
+        """Describe the destination's columns for the source's (``target.planned``), or
+        say why it cannot load them."""
+        conn, table, mode = target.conn, target.table, target.mode
+        assert conn is not None and table is not None and mode is not None
+        names: list[str] | str | None = target.columns
+        if names is None:
+            found = _plan.insertable_names(conn, table)
+            if found is None:
+                if target.spec.create != "if_missing":
+                    return _names.missing_table(conn, table)
+                problem = _create.check(conn, table)
+                if problem is not None:
+                    return problem
+                target.create = mode.created = True
+                target.planned = list(source_columns)
+                target.columns = mode.columns = [c.name for c in source_columns]
+                if len(set(target.columns)) != len(target.columns):
+                    return "create='if_missing': the source names a column twice"
+                missing = [k for k in mode.key if k not in target.columns]
+                if missing:
+                    return f"the merge key column {missing[0]!r} is not a column of the source"
+                return None
+            names = _plan.match_by_name(source_columns, found)
+            if isinstance(names, str):
+                return f"column count mismatch: {names}"
+        columns = _plan.table_columns(conn, table, names)
+        if columns is None:
+            return _names.missing_table(conn, table)
+        mismatch = _plan.column_mismatch(source_columns, columns)
+        if mismatch:
+            return f"column count mismatch: {mismatch}"
+        # The names as the table spells them.
+        target.columns = mode.columns = [c.name for c in columns]
+        target.planned = columns
+        return mode.check(conn, target.columns)
+
+    def _same_tables(self, source_tables: _identity.Tables) -> list[str]:
+        """Refuse destinations that are one table, or a table the source reads, whatever
+        their spelling (identified by their servers, before anything is written)."""
+        errors = []
+        found = []
+        for i, target in enumerate(self.targets):
+            conn = target.conn
+            if conn is None or conn.closed or target.table is None:
+                continue
+            label = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
+            try:
+                # Left in the transaction planning goes on with (it rolls back after).
+                tables = _identity.destination(conn, target.table.regclass_text, label)
+            except psycopg.Error as exc:
+                if _classify.is_permanent(exc):
+                    errors.append(f"{label}: {_classify.describe(exc)}")
+                else:
+                    self._fail(target, exc, "identifying the table")
+                continue
+            if tables is not None:
+                found.append(tables)
+        return errors + _identity.conflicts(source_tables, found)

@@ -1,0 +1,158 @@
+"""The state of one load, shared by its phases: its destinations (:class:`Target`), and
+the bookkeeping every phase does (a destination failed, loaded already, rolled back)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from airflow_copyman import copyman
+from airflow_copyman.load import (
+    _bounded,
+    _classify,
+    _estimate,
+    _plan,
+)
+from airflow_copyman.load._endpoint import Endpoint
+from airflow_copyman.load._ledger import Entry, Ledger
+from airflow_copyman.load._mode import Mode
+from airflow_copyman.load._plan import Column
+from airflow_copyman.load._spec import (
+    ConfigError,
+    Destination,
+    DestinationResult,
+)
+
+
+class Target:
+    """One destination during a transfer."""
+
+    def __init__(self, spec: Destination, endpoint: Endpoint) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.result = DestinationResult(spec.conn_id, spec.table, mode=spec.mode)
+        #: How its rows land (set once the table name is parsed).
+        self.mode: Mode | None = None
+        #: Create the table in the load transaction (create="if_missing", table missing).
+        self.create = False
+        self.table: _plan.TableName | None = None
+        self.columns: list[str] | None = None
+        self.conn: psycopg.Connection[Any] | None = None
+        self.receiver: copyman.StatementReceiver | None = None
+        self.started = 0.0
+        #: The destination's columns the COPY fills, described (planning).
+        self.planned: list[Column] = []
+        #: The schema of its ledger table (once known).
+        self.ledger_schema: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.result.status == "pending"
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+
+class State:
+    """What every phase of a load reads and writes, and its bookkeeping."""
+
+    # Set by Transfer.__init__ (see there); declared here for the phases.
+    origin: Endpoint
+    log: logging.Logger | logging.LoggerAdapter[Any]
+    sql: str
+    endpoint_of: Callable[[str], Endpoint]
+    min_rows: int
+    requested_format: _plan.Format | None
+    specs: list[Destination]
+    parameters: _plan.Params | None
+    bounds: _bounded.Bounds
+    ledger: Ledger | None
+    on_commit: Callable[[DestinationResult], None] | None
+    progress_interval: float
+    receiver_timeout: float
+    targets: list[Target]
+    src: psycopg.Connection[Any] | None
+    format: _plan.Format | None
+    source_columns: list[Column]
+    producer: copyman.StatementProducer | None
+    manager: copyman.CopyManager | None
+    cancelled: bool
+    interrupt: BaseException | None
+    source_rows: int | None
+    source_bytes: int
+    estimate: _estimate.SizeEstimate | None
+    secrets: list[str]
+    endpoints: dict[str, tuple[str, str]]
+    source: _plan.Source
+
+    def _go_on(self) -> bool:
+        return not self.cancelled and any(t.pending for t in self.targets)
+
+    def _bind(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        """Put the connection's statements under this transfer's deadline and stop."""
+        if isinstance(conn, _bounded.BoundedConnection):
+            conn.bounds = self.bounds
+        return conn
+
+    def _pending(self) -> list[Target]:
+        return [t for t in self.targets if t.pending]
+
+    def _redact(self, text: str) -> str:
+        return _classify.redact(text, self.secrets)
+
+    def _config_error(self, target: Target, exc: BaseException, doing: str) -> ConfigError:
+        return ConfigError(
+            self._redact(f"{target.label}: {doing}: {_classify.describe(exc)}")
+        )
+
+    def _fail(self, target: Target, exc: BaseException, doing: str) -> None:
+        result = target.result
+        if result.status == "failed":
+            return
+        result.status = "failed"
+        result.error = f"{doing}: {_classify.describe(exc, self.secrets)}"
+        result.permanent = _classify.is_permanent(exc)
+        result.rows = result.bytes = None
+        self.log.warning(
+            "%s failed (%s): %s",
+            target.label,
+            "permanent" if result.permanent else "transient, a retry may load it",
+            result.error,
+        )
+
+    def _source_failed(self, exc: BaseException, doing: str) -> None:
+        for target in self._pending():
+            self._fail(target, exc, f"source {self.origin.name}: {doing}")
+
+    def _already_loaded(self, target: Target, entry: Entry) -> None:
+        result = target.result
+        result.status = "already_loaded"
+        result.rows, result.bytes, result.try_number = entry.rows, entry.bytes, entry.try_number
+        self.log.info(
+            "%s: already loaded by try %d (%d rows): skipped",
+            target.label,
+            entry.try_number,
+            entry.rows,
+        )
+
+    def _rollback(self, target: Target) -> None:
+        conn = target.conn
+        if conn is not None and not conn.closed:
+            try:
+                conn.rollback()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+
+def size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"  # pragma: no cover

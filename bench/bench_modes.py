@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Benchmark of the load modes: append, replace (truncate / delete) and merge, one run.
+
+Starts 2 throwaway PostgreSQL servers (source, destination), fills the source with the mixed
+table of ``bench_copy.py`` and loads it through ``airflow_copyman.load.run`` (no Airflow) in
+each mode, the cases interleaved, ``--repeat`` times each; each case's set-up (emptying or
+filling the destination, a CHECKPOINT) is outside the timing. Reports the median seconds and
+the ratio to append.
+
+* ``append``            into an empty table;
+* ``replace/truncate``  over a table holding every row: TRUNCATE, then ``COPY ... FREEZE``;
+* ``replace/delete``    over a table holding every row: DELETE, then COPY;
+* ``merge``             over a table holding a tenth of the keys (no index on the key):
+                        COPY into a staging table, duplicate-key check, UPDATE, INSERT.
+
+    .venv/bin/python bench/bench_modes.py --rows 1000000
+    .venv/bin/python bench/bench_modes.py --rows 300000 --repeat 3   # a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_copy import COLUMNS, LOAD_SQL  # noqa: E402
+
+from airflow_copyman import load  # noqa: E402
+from airflow_copyman.testing.servers import ServerPool, create_database  # noqa: E402
+
+CASES: dict[str, dict[str, object]] = {
+    "append": {},
+    "replace/truncate": {"mode": "replace", "replace_with": "truncate"},
+    "replace/delete": {"mode": "replace", "replace_with": "delete"},
+    "merge": {"mode": "merge", "key": ["id"]},
+}
+
+
+def prepare(dst: str, case: str, rows: int) -> None:
+    """The destination's state before the case (untimed)."""
+    with psycopg.connect(dst, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS mixed")
+        conn.execute(f"CREATE TABLE mixed ({COLUMNS})")  # type: ignore[arg-type]
+        if case.startswith("replace"):
+            conn.execute(LOAD_SQL.format(table="mixed", rows=rows))  # type: ignore[arg-type]
+        elif case == "merge":
+            conn.execute(LOAD_SQL.format(table="mixed", rows=rows // 10))  # type: ignore[arg-type]
+        conn.execute("VACUUM ANALYZE mixed")
+        conn.execute("CHECKPOINT")
+
+
+def run_case(src: load.Endpoint, dst: load.Endpoint, case: str) -> float:
+    spec = {"conn_id": "dst", "table": "mixed", **CASES[case]}
+    started = time.perf_counter()
+    report = load.run(src, "mixed", [spec], endpoints={"dst": dst}, progress_interval=3600)
+    seconds = time.perf_counter() - started
+    (result,) = report.destinations
+    if result.status != "loaded":
+        raise SystemExit(f"{case}: {result.error}")
+    return seconds
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    pool = ServerPool()
+    try:
+        src_server, dst_server = pool.new(), pool.new()
+        for server in (src_server, dst_server):
+            create_database(server.address, "bench")
+        src_info = src_server.address.conninfo("bench")
+        dst_info = dst_server.address.conninfo("bench")
+        with psycopg.connect(src_info, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE mixed ({COLUMNS})")  # type: ignore[arg-type]
+            conn.execute(LOAD_SQL.format(table="mixed", rows=args.rows))  # type: ignore[arg-type]
+            conn.execute("VACUUM ANALYZE mixed")
+        src, dst = load.postgres("src", src_info), load.postgres("dst", dst_info)
+        times: dict[str, list[float]] = {case: [] for case in CASES}
+        for i in range(args.repeat):
+            for case in CASES:
+                prepare(dst_info, case, args.rows)
+                seconds = run_case(src, dst, case)
+                times[case].append(seconds)
+                print(f"  round {i + 1} {case}: {seconds:.2f} s", flush=True)
+        base = statistics.median(times["append"])
+        print(f"\n{args.rows:,} rows of the mixed table, median of {args.repeat}:\n")
+        print("| mode | seconds (median) | all runs | vs append |")
+        print("|---|---:|---|---:|")
+        for case, values in times.items():
+            median = statistics.median(values)
+            runs = ", ".join(f"{v:.2f}" for v in values)
+            print(f"| {case} | {median:.2f} | {runs} | {median / base:.2f}x |")
+    finally:
+        pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
