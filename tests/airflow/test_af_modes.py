@@ -111,6 +111,20 @@ def test_replace_failing_mid_load_keeps_the_old_rows(
     assert dst.scalar("SELECT count(*) FROM nums") == 99
 
 
+def test_replace_by_truncate_writes_its_rows_frozen(pair: tuple[Database, Database]) -> None:
+    """TRUNCATE and COPY in one transaction: the COPY runs with FREEZE (every page of the
+    new table all-frozen at once, no later anti-wraparound rewrite)."""
+    src, dst = pair
+    src.execute("CREATE TABLE nums AS SELECT g AS id FROM generate_series(1, 5000) g")
+    dst.execute("CREATE EXTENSION IF NOT EXISTS pg_visibility; CREATE TABLE nums (id int); "
+                "INSERT INTO nums VALUES (-1)")
+    report = transfer("nums", Destination("pg_m_dst", "nums", truncate=True))
+    assert report.destinations[0].status == "loaded"
+    pages, frozen = dst.execute("SELECT relpages, all_frozen FROM pg_class, "
+                                "pg_visibility_map_summary('nums') WHERE relname = 'nums'")[0]
+    assert frozen > 0 and dst.scalar("SELECT count(*) FROM nums") == 5000, (pages, frozen)
+
+
 def test_truncate_true_is_replace(pair: tuple[Database, Database]) -> None:
     spec = Destination.from_value({"conn_id": "c", "table": "t", "truncate": True}, 0)
     assert (spec.mode, spec.replace_with) == ("replace", "truncate")
