@@ -372,6 +372,7 @@ class _StateMirror:
             spec.conn_id,
             spec.table,
             status="already_loaded",
+            mode=spec.mode,
             rows=entry.get("rows"),
             bytes=entry.get("bytes"),
             try_number=entry.get("try_number"),
