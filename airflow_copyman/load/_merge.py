@@ -22,6 +22,8 @@ from airflow_copyman.load._spec import DuplicateKeyError
 
 #: PostgreSQL 15: the oldest release still supported (and MERGE's).
 MIN_SERVER_VERSION = 150000
+#: work_mem of the merge's own statements (a hash of the staging table's keys fits).
+MERGE_WORK_MEM = "64MB"
 #: The staging table, in the session's own temporary schema.
 STAGE = sql.Identifier("pg_temp", "copyman_merge_stage")
 
@@ -60,6 +62,20 @@ class Merge(Mode):
         return sql.SQL("COPY {} FROM STDIN (FORMAT {})").format(target, sql.SQL(fmt))
 
     def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
+        assert self.columns is not None
+        # The check and the apply hash the whole staging table: with the default work_mem
+        # (4MB) they spill to disk. Raised (never lowered) for these statements only, then
+        # put back, so the postoperator runs with the session's own.
+        (work_mem,) = conn.execute("SELECT current_setting('work_mem')").fetchone() or ("",)
+        conn.execute(
+            "SELECT set_config('work_mem', CASE WHEN pg_size_bytes(current_setting('work_mem'))"
+            " < pg_size_bytes(%s) THEN %s ELSE current_setting('work_mem') END, true)",
+            [MERGE_WORK_MEM, MERGE_WORK_MEM],
+        )
+        self._apply(conn)
+        conn.execute("SELECT set_config('work_mem', %s, true)", [work_mem])
+
+    def _apply(self, conn: psycopg.Connection[Any]) -> None:
         assert self.columns is not None
         keys = sql.SQL(", ").join(map(sql.Identifier, self.key))
         duplicate = conn.execute(
