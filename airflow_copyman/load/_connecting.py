@@ -15,9 +15,7 @@ from airflow_copyman.load import (
     _readonly,
 )
 from airflow_copyman.load._endpoint import Endpoint
-from airflow_copyman.load._spec import (
-    ConfigError,
-)
+from airflow_copyman.load._spec import ConfigError
 from airflow_copyman.load._state import State, Target
 
 

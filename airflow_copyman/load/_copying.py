@@ -15,9 +15,7 @@ from airflow_copyman.load import (
     _create,
     _estimate,
 )
-from airflow_copyman.load._spec import (
-    ConfigError,
-)
+from airflow_copyman.load._spec import ConfigError
 from airflow_copyman.load._state import State, Target, size
 
 
@@ -35,7 +33,7 @@ class Copying(State):
         try:
             if target.create:
                 conn.execute(_create.statement(target.table, target.planned, mode.key or None))
-            doing = f"starting the {mode.name} (mode={mode.name!r})"
+            doing = f"starting mode={mode.name!r}"
             mode.begin(conn)
             doing = "running the preoperator"
             for statement in target.spec.statements:

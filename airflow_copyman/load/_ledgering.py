@@ -11,9 +11,7 @@ from airflow_copyman.load import (
     _create,
     _plan,
 )
-from airflow_copyman.load._spec import (
-    ConfigError,
-)
+from airflow_copyman.load._spec import ConfigError
 from airflow_copyman.load._state import State, Target
 
 

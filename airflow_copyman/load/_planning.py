@@ -3,6 +3,8 @@ bad input before anything is written (in the source's one snapshot)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import psycopg
 
 from airflow_copyman.load import (
@@ -15,9 +17,7 @@ from airflow_copyman.load import (
     _readonly,
 )
 from airflow_copyman.load._plan import Column
-from airflow_copyman.load._spec import (
-    ConfigError,
-)
+from airflow_copyman.load._spec import ConfigError
 from airflow_copyman.load._state import State, Target
 
 
@@ -104,24 +104,13 @@ class Planning(State):
         say why it cannot load them."""
         conn, table, mode = target.conn, target.table, target.mode
         assert conn is not None and table is not None and mode is not None
+        found = _plan.insertable_names(conn, table)
+        if found is None:
+            if target.spec.create != "if_missing":
+                return _names.missing_table(conn, table)
+            return self._plan_creation(target, source_columns)
         names: list[str] | str | None = target.columns
         if names is None:
-            found = _plan.insertable_names(conn, table)
-            if found is None:
-                if target.spec.create != "if_missing":
-                    return _names.missing_table(conn, table)
-                problem = _create.check(conn, table)
-                if problem is not None:
-                    return problem
-                target.create = mode.created = True
-                target.planned = list(source_columns)
-                target.columns = mode.columns = [c.name for c in source_columns]
-                if len(set(target.columns)) != len(target.columns):
-                    return "create='if_missing': the source names a column twice"
-                missing = [k for k in mode.key if k not in target.columns]
-                if missing:
-                    return f"the merge key column {missing[0]!r} is not a column of the source"
-                return None
             names = _plan.match_by_name(source_columns, found)
             if isinstance(names, str):
                 return f"column count mismatch: {names}"
@@ -135,6 +124,30 @@ class Planning(State):
         target.columns = mode.columns = [c.name for c in columns]
         target.planned = columns
         return mode.check(conn, target.columns)
+
+    def _plan_creation(self, target: Target, source_columns: list[Column]) -> str | None:
+        """The table is missing and may be created: its columns are the source's (named
+        as ``columns`` says, where given), with their exact types."""
+        conn, table, mode = target.conn, target.table, target.mode
+        assert conn is not None and table is not None and mode is not None
+        problem = _create.check(conn, table)
+        if problem is not None:
+            return problem
+        names = target.columns or [c.name for c in source_columns]
+        if len(names) != len(source_columns):
+            return (
+                f"create='if_missing': 'columns' names {len(names)} columns, the source has "
+                f"{len(source_columns)}"
+            )
+        if len(set(names)) != len(names):
+            return "create='if_missing': the source names a column twice (give 'columns')"
+        missing = [k for k in mode.key if k not in names]
+        if missing:
+            return f"the merge key column {missing[0]!r} is not a column of the source"
+        target.create = mode.created = True
+        target.planned = [replace(c, name=n) for c, n in zip(source_columns, names, strict=True)]
+        target.columns = mode.columns = list(names)
+        return None
 
     def _same_tables(self, source_tables: _identity.Tables) -> list[str]:
         """Refuse destinations that are one table, or a table the source reads, whatever

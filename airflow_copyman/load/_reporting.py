@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from airflow_copyman.load._spec import (
-    TransferReport,
-)
+from airflow_copyman.load._spec import TransferReport
 from airflow_copyman.load._state import State, size
 
 
