@@ -49,7 +49,8 @@ class Merge(Mode):
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         assert self.columns is not None
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(STAGE))
+        # ON COMMIT DROP, and created by the load transaction: gone at its end either way,
+        # so a transaction that starts again (a retry, a restarted copy) creates it anew.
         # Exactly the loaded columns, with the table's types (and typmods); no
         # constraints, so the duplicate-key check below can say which key repeats.
         conn.execute(
