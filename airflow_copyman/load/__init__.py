@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
 from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
 from airflow_copyman.load._mode import Mode
@@ -80,7 +81,7 @@ def run(
     ledger: Ledger | None = None,
     on_commit: Callable[[DestinationResult], None] | None = None,
     progress_interval: float = 5.0,
-    receiver_timeout: float = 300.0,
+    receiver_timeout: float = RECEIVER_TIMEOUT,
     min_rows: int = 0,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> TransferReport:
