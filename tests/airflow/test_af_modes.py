@@ -81,7 +81,7 @@ def test_merge_refuses_a_key_twice_in_the_source_and_writes_nothing(
     (result,) = report.destinations
     assert result.status == "failed" and result.permanent, result
     assert "merge key (id) occurs more than once" in (result.error or "")
-    assert "id='7'" in (result.error or "")
+    assert "Key (id)=(7) is duplicated" in (result.error or "")
     assert dst.execute("SELECT * FROM items") == [(1, "old")]
 
 
