@@ -197,6 +197,16 @@ def test_create_if_missing_every_type_of_the_mixed_table(
                            dumps(b, "wh.created", type_names())) == []
 
 
+def test_create_if_missing_names_columns_as_given(pair: tuple[Database, Database]) -> None:
+    src, dst = pair
+    src.execute("CREATE TABLE items AS SELECT 1 AS a, 'x'::varchar(5) AS b")
+    report = transfer("items", Destination("pg_m_dst", "named", create="if_missing",
+                                           columns=("Id", "Name")))
+    assert report.destinations[0].status == "loaded", report
+    assert _types_of(dst, "named") == [("Id", "integer"), ("Name", "character varying(5)")]
+    assert dst.execute('SELECT "Id", "Name" FROM named') == [(1, "x")]
+
+
 def test_create_if_missing_never_creates_a_schema(pair: tuple[Database, Database]) -> None:
     src, dst = pair
     src.execute("CREATE TABLE items (id int)")
