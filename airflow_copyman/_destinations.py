@@ -14,6 +14,7 @@ from typing import Any, Literal
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_copyman import _arguments, _plan
+from airflow_copyman._relation import Relation
 
 #: Keys a destination mapping may have.
 DESTINATION_KEYS = frozenset({"conn_id", "table", "columns", "truncate", "preoperator"})
@@ -181,6 +182,8 @@ class DestinationResult:
     permanent: bool = False
     try_number: int | None = None
     seconds: float | None = None
+    #: The table as its server names it (for asset URIs), once connected.
+    relation: Relation | None = None
 
     @property
     def label(self) -> str:

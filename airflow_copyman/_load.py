@@ -22,6 +22,7 @@ from airflow_copyman import (
     _names,
     _plan,
     _readonly,
+    _relation,
     copyman,
 )
 from airflow_copyman._destinations import (
@@ -130,6 +131,7 @@ class Transfer:
         self._resolve()
         try:
             self._connect()
+            self._locate()
             if self.ledger is not None and self._go_on():
                 self._check_ledger()
             if self._go_on():
@@ -234,6 +236,24 @@ class Transfer:
         self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
+
+    def _locate(self) -> None:
+        """Name each destination's table as its server does (for the asset events): an
+        unqualified name is resolved through the session's search_path, not guessed."""
+        for target in self.targets:
+            conn, table = target.conn, target.table
+            if conn is None or conn.closed or table is None:
+                continue
+            try:
+                target.result.relation = _relation.locate(conn, table)
+            except psycopg.Error as exc:
+                # Naming is not loading: what is wrong with the connection, the load says.
+                self.log.debug(
+                    "%s: could not name the table: %s",
+                    target.label,
+                    _classify.describe(exc, self.secrets),
+                )
+            self._rollback(target)
 
     def _log_connections(self) -> None:
         """How many sessions this task holds: a DBA sizing ``max_connections`` (or an

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _arguments, _plan
+from airflow_copyman import _arguments, _assets, _plan
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -33,6 +33,7 @@ from airflow_copyman._outcome import (
     CopyManPermanentFailure,
     failure_of,
 )
+from airflow_copyman._relation import Relation
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ class CopyManOperator(BaseOperator):
                 destinations_from(destinations, rendered=False)
             except CopyManConfigError as exc:
                 raise ValueError(f"{self.task_id}: {exc}") from None
+        # Each destination table is an asset: events go through this alias (README, Assets).
+        _assets.declare(self)
 
     def render_template(
         self,
@@ -258,6 +261,7 @@ class CopyManOperator(BaseOperator):
         result = report.as_dict()
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
+        _assets.emit(context, self, specs, report, ti.try_number)
         return result
 
     def on_kill(self) -> None:
@@ -366,6 +370,7 @@ class _StateMirror:
             rows=entry.get("rows"),
             bytes=entry.get("bytes"),
             try_number=entry.get("try_number"),
+            relation=Relation(*entry["relation"]) if entry.get("relation") else None,
         )
 
     def record(self, result: DestinationResult, try_number: int) -> None:
@@ -374,6 +379,7 @@ class _StateMirror:
             "bytes": result.bytes,
             "try_number": result.try_number or try_number,
             "loaded_at": datetime.now(UTC).isoformat(),
+            "relation": list(result.relation.parts) if result.relation else None,
         }
         self._write()
 
