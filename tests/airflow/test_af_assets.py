@@ -219,3 +219,60 @@ def test_alias_declared_unless_the_user_gave_one() -> None:
         theirs = CopyManOperator(task_id="theirs", outlets=[mine], **kwargs)
     assert ours.outlets == [AssetAlias("copyman:copyman_alias_check:group.copy")]
     assert theirs.outlets == [mine]
+
+
+def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tries of one task instance share its task_state_store: a load announced by a try
+    that succeeded is not announced again (a clear with resume_on_clear), a new load is."""
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+    from test_af_units import DictStore
+
+    from airflow_copyman._assets import emit
+    from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
+    from airflow_copyman._relation import Relation
+    from airflow_copyman.operators.copyman import CopyManOperator, _StateMirror
+
+    monkeypatch.setenv("AIRFLOW_CONN_PG_A", "postgresql://someone:s3cret@db.example:6432/shop")
+    from airflow.sdk import DAG
+
+    with DAG("copyman_announce_check", schedule=None):
+        op = CopyManOperator(
+            task_id="copy",
+            source_conn_id="pg_src",
+            sql="orders",
+            destinations=[{"conn_id": "pg_a", "table": "a"}, {"conn_id": "pg_a", "table": "b"}],
+        )
+    specs = [Destination("pg_a", "a"), Destination("pg_a", "b", truncate=True)]
+    store = DictStore()
+
+    def result(table: str, status: Any, try_number: int | None) -> DestinationResult:
+        return DestinationResult(
+            "pg_a", table, status, 5, 50, try_number=try_number,
+            relation=Relation("shop", "public", table),
+        )
+
+    def run(*results: DestinationResult, try_number: int) -> list[tuple[str, dict[str, Any]]]:
+        context = {"outlet_events": OutletEventAccessors(), "task_state_store": store}
+        return emit(context, op, specs, TransferReport(5, 50, "binary", 0.1, list(results)),
+                    try_number)
+
+    # Try 2 loads b; a was committed by try 1 (which failed): both announced now.
+    first = run(result("a", "already_loaded", 1), result("b", "loaded", 2), try_number=2)
+    assert [(u, e["try_number"], e["mode"]) for u, e in first] == [
+        ("postgres://db.example:6432/shop/public/a", 1, "append"),
+        ("postgres://db.example:6432/shop/public/b", 2, "replace"),
+    ]
+    assert "s3cret" not in json.dumps(first) and "someone" not in json.dumps(first)
+    # Cleared and resumed: both skipped as loaded, both announced already.
+    assert run(result("a", "already_loaded", 1), result("b", "already_loaded", 2),
+               try_number=3) == []
+    # A new load of b is announced; a failed destination never is.
+    again = run(result("a", "failed", None), result("b", "loaded", 4), try_number=4)
+    assert [(u, e["try_number"]) for u, e in again] == [
+        ("postgres://db.example:6432/shop/public/b", 4)
+    ]
+    # Without a ledger, the task_state_store mirror keeps the table's name for a later try.
+    mirror = _StateMirror(DictStore(), 3, resume_on_clear=False)
+    mirror.record(result("a", "loaded", 1), 1)
+    loaded = mirror.loaded(specs[0])
+    assert loaded is not None and loaded.relation == Relation("shop", "public", "a")
