@@ -100,6 +100,16 @@ def _queued_for(dag_id: str) -> set[str]:
         )
 
 
+def _alias_assets(name: str) -> set[str]:
+    from airflow.models.asset import AssetAliasModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        alias = session.scalar(select(AssetAliasModel).where(AssetAliasModel.name == name))
+        return {a.uri for a in alias.assets} if alias is not None else set()
+
+
 def _databases(pg: PgServers, prefix: str) -> tuple[Database, Database, Database]:
     src = pg.database(pg.src, f"{prefix}src")
     create_orders(src, 1000)
@@ -144,6 +154,8 @@ def test_asset_events_read_by_a_dag_scheduled_on_the_tables(
         assert extra["rows"] == 1000 and extra["bytes"] > 0, extra
         assert extra["mode"] == "append" and extra["conn_id"] == conn_id
         assert extra["try_number"] == loaded_by
+    # Through the task's documented alias, which now resolves to both tables.
+    assert {uri1, uri2} <= _alias_assets("copyman:copyman_assets_load:load")
     # The scheduler's queue holds a run of the DAG scheduled on both tables.
     assert _queued_for("copyman_assets_consumer") == {uri1, uri2}
     # No login or password in any URI or extra.
