@@ -121,10 +121,16 @@ def emit(
         if result.relation is None:
             log.warning("%s: the table could not be named: no asset event", result.label)
             continue
-        if spec.conn_id not in hosts:
-            conn = BaseHook.get_connection(spec.conn_id)
-            hosts[spec.conn_id] = (conn.host, conn.port)
-        asset = Asset(asset_uri(*hosts[spec.conn_id], result.relation))
+        try:
+            if spec.conn_id not in hosts:
+                conn = BaseHook.get_connection(spec.conn_id)
+                hosts[spec.conn_id] = (conn.host, conn.port)
+            asset = Asset(asset_uri(*hosts[spec.conn_id], result.relation))
+        except Exception as exc:
+            # The data is committed: a name that cannot be had fails no task. The load is
+            # not recorded as announced: a cleared task's next successful try announces it.
+            log.warning("%s: no asset event: %s", result.label, type(exc).__name__)
+            continue
         extra = extra_of(spec, result, loaded_by)
         if asset.uri in static:
             # Declared as a static outlet: Airflow emits its event; give it the metrics.

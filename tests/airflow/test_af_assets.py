@@ -283,6 +283,14 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [(u, e["try_number"]) for u, e in again] == [
         ("postgres://db.example:6432/shop/public/b", 4)
     ]
+    # A table that cannot be named (its connection gone) costs its event, not the task.
+    specs[0] = Destination("pg_gone", "a")
+    gone = result("a", "loaded", 5)
+    gone.conn_id = "pg_gone"
+    assert [u for u, _ in run(gone, result("b", "loaded", 5), try_number=5)] == [
+        "postgres://db.example:6432/shop/public/b"
+    ]
+    specs[0] = Destination("pg_a", "a")
     # Without a ledger, the task_state_store mirror keeps the table's name for a later try.
     mirror = _StateMirror(DictStore(), 3, resume_on_clear=False)
     mirror.record(result("a", "loaded", 1), 1)
