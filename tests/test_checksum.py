@@ -19,8 +19,8 @@ from tests.conftest import Databases
 
 # The table of every type family (and its edge values) the Airflow exact-copy tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
-from af_support import Database  # noqa: E402
-from exact_support import LOCAL_TYPE_COLUMNS, create_types, type_names  # noqa: E402
+from af_support import Database
+from exact_support import LOCAL_TYPE_COLUMNS, create_types, type_names
 
 _counter = iter(range(10**6))
 
@@ -276,6 +276,6 @@ def test_only_utf8_databases_compare(server: LocalServer, dbs: Databases) -> Non
             "TEMPLATE template0"
         )
     with psycopg.connect(server.address.conninfo(name)) as latin:
-        with pytest.raises(ck.ChecksumError, match="needs UTF8 databases .*LATIN1"):
+        with pytest.raises(ck.ChecksumError, match=r"needs UTF8 databases .*LATIN1"):
             ck.require_comparable(latin, "destination x")
     ck.require_comparable(dbs.new("ckutf"), "source")

@@ -163,17 +163,14 @@ def destination_renderings(
 def require_comparable(conn: psycopg.Connection[Any], what: str) -> None:
     """Raise :class:`ChecksumError` unless ``conn``'s checksums compare with other servers':
     a UTF8 database, and the hash function every supported server has."""
-    row = conn.execute(
-        "SELECT current_setting('server_encoding'), hashtextextended(%s, 0)", [_PROBE_TEXT]
-    ).fetchone()
-    assert row is not None
-    encoding, probe = row
+    encoding = conn.info.parameter_status("server_encoding")
     if encoding != "UTF8":
         raise ChecksumError(
             f"{what}: verify='checksum' needs UTF8 databases (this one is {encoding}): the "
             "checksum hashes the rows' UTF-8 text"
         )
-    if int(probe) != _PROBE_HASH:
+    row = conn.execute("SELECT hashtextextended(%s, 0)", [_PROBE_TEXT]).fetchone()
+    if row is None or int(row[0]) != _PROBE_HASH:
         raise ChecksumError(
             f"{what}: this server's hashtextextended() differs from the one verify='checksum' "
             "compares with (another byte order?)"
