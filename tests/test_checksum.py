@@ -70,9 +70,11 @@ def both_sides(
     select: str,
     table: str,
     columns: Sequence[str],
-    where: sql.Composable | None = ck.THIS_TRANSACTION,
+    this_transaction: bool = True,
 ) -> tuple[ck.Checksum, ck.Checksum]:
-    """The source's and the destination's checksums, computed at once."""
+    """The source's and the destination's checksums, computed at once (the destination's
+    over the rows its transaction wrote, or all of them)."""
+    where = ck.this_transaction(dst) if this_transaction else None
     relation = sql.Identifier(table)
     renderings = ck.destination_renderings(dst, relation, columns)
     source = ck.start_source_checksums(src, sql.SQL(select), [renderings])  # type: ignore[arg-type]
@@ -202,7 +204,9 @@ def test_a_changed_row_set_differs(
     dest_db.execute(change)
     columns = ["id", "u", "v"]
     with repeatable_read(pinned(source_db)) as src, pinned(dest_db) as dst:
-        source, dest = both_sides(src, dst, "SELECT * FROM t", "t", columns, where=None)
+        source, dest = both_sides(
+            src, dst, "SELECT * FROM t", "t", columns, this_transaction=False
+        )
     assert source != dest, why
 
 

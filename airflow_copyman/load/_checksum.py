@@ -37,7 +37,7 @@ The source checksum runs on the source's connection inside its ``REPEATABLE READ
 (before or after its COPY: the same snapshot, the same rows). It runs the source query a
 second time, so the query must be deterministic (no ``random()``, ``clock_timestamp()``,
 ``LIMIT`` without ``ORDER BY``). The destination checksum runs in the load transaction after
-the COPY, over the rows that load wrote (:data:`THIS_TRANSACTION` for an append).
+the COPY, over the rows that load wrote (:func:`this_transaction` for an append).
 
 This module imports no Airflow module and nothing else of the project.
 """
@@ -67,10 +67,21 @@ RENDER_SETTINGS: dict[str, str] = {
     "bytea_output": "hex",
 }
 
-#: ``WHERE`` for an append: the rows this (top-level) transaction inserted. Rows written by
-#: a subtransaction (COPY inside a savepoint) carry the subtransaction's xid and are not
-#: seen; the load runs its COPY in the top-level transaction.
-THIS_TRANSACTION = sql.SQL("xmin = pg_current_xact_id_if_assigned()::xid")
+
+def this_transaction(conn: psycopg.Connection[Any]) -> sql.Composable:
+    """``WHERE`` for an append: the rows ``conn``'s open (top-level) transaction inserted.
+
+    Its xid is read first and written as a constant: ``pg_current_xact_id_if_assigned()`` is
+    parallel-unsafe, a constant lets the server scan with parallel workers. Rows written by a
+    subtransaction (a COPY inside a savepoint) carry the subtransaction's xid and are not
+    counted: the load runs its COPY in the top-level transaction. The scan reads the whole
+    table (no index finds rows by xmin): on a large table, an append's checksum costs a scan
+    of all of it."""
+    row = conn.execute("SELECT pg_current_xact_id_if_assigned()::xid::text").fetchone()
+    if row is None or row[0] is None:  # nothing written yet: no row is this transaction's
+        return sql.SQL("false")
+    return sql.SQL("xmin = {}::xid").format(sql.Literal(row[0]))
+
 
 #: The hash of a fixed UTF-8 string on every supported server: a server whose hash differs
 #: (another byte order, another algorithm) cannot be compared.
