@@ -8,7 +8,11 @@ commits, in the binary and text formats:
 * ``count``     the COPY load alone (what ``verify="count"`` does);
 * ``checksum``  the same, plus the source's checksum in the COPY's REPEATABLE READ
                 transaction and the destination's over the rows the transaction wrote
-                (``xmin``), both started at once and waited for together, then compared.
+                (``xmin``), both started at once after the COPY and waited for together,
+                then compared;
+* ``checksum-during-copy``  the source's checksum on a second source connection that
+                imports the COPY's snapshot, started before the COPY (it runs during it),
+                then the destination's after it.
 
 Cases run round-robin, the median of ``--repeat`` runs is reported. Then each side's checksum
 query is taken apart (rendering only, ``hashtextextended``, ``md5``) to show where the time goes.
@@ -42,28 +46,40 @@ from airflow_copyman.testing.servers import create_database, throwaway_servers  
 
 DB = "bench"
 NAMES = ["id", "ts", "txt", "num", "arr", "doc", "uid"]
+MODES = ("count", "checksum", "checksum-during-copy")
 
 
 def connect(server: Any, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(server.address.conninfo(DB), **_session.connect_args(kwargs))
 
 
-def load_once(src_server: Any, dst_server: Any, fmt: str, checksum: bool) -> dict[str, float]:
-    with connect(src_server) as src, connect(dst_server) as dst:
+def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str, float]:
+    with (
+        connect(src_server) as src,
+        connect(dst_server) as dst,
+        connect(src_server) as src2,
+    ):
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         src.read_only = True
         select = sql.SQL("SELECT * FROM src")
         t0 = time.perf_counter()
         renderings = None
-        if checksum:  # planning: done before any data moves
+        if mode != "count":  # planning: done before any data moves
             renderings = ck.destination_renderings(dst, sql.Identifier("dst"), NAMES)
+        early = None
+        if mode == "checksum-during-copy":
+            # The source's checksum on a second connection in the COPY's snapshot, while
+            # the COPY runs.
+            ck.import_snapshot(src2, ck.export_snapshot(src))
+            assert renderings is not None
+            early = ck.start_source_checksums(src2, select, [renderings])
         copyman.transfer(
             (src, f"COPY (SELECT * FROM src) TO STDOUT (FORMAT {fmt})"),
             (dst, f"COPY dst FROM STDIN (FORMAT {fmt})"),
         )
         t1 = time.perf_counter()
         if renderings is not None:
-            pending_src = ck.start_source_checksums(src, select, [renderings])
+            pending_src = early or ck.start_source_checksums(src, select, [renderings])
             pending_dst = ck.start_destination_checksum(
                 dst, sql.Identifier("dst"), NAMES, ck.this_transaction(dst)
             )
@@ -128,9 +144,9 @@ def main(argv: list[str]) -> int:
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for _ in range(args.repeat):
             for fmt in formats:
-                for mode in ("count", "checksum"):
+                for mode in MODES:
                     reset(dst_server)
-                    run = load_once(src_server, dst_server, fmt, mode == "checksum")
+                    run = load_once(src_server, dst_server, fmt, mode)
                     results.setdefault((fmt, mode), []).append(run)
                     print(f"{fmt} {mode}: {run}", flush=True)
         print(f"\n{args.rows:,} rows, median of {args.repeat}; load average now "
@@ -139,7 +155,7 @@ def main(argv: list[str]) -> int:
         print("|---|---|---:|---:|---:|---:|")
         for fmt in formats:
             base = statistics.median(r["total"] for r in results[(fmt, "count")])
-            for mode in ("count", "checksum"):
+            for mode in MODES:
                 runs = results[(fmt, mode)]
                 total = statistics.median(r["total"] for r in runs)
                 print(

@@ -240,6 +240,28 @@ def test_append_scope_is_this_transactions_rows(
     assert source.rows == 300 and whole.rows == 600
 
 
+def test_a_baseline_takes_out_rows_written_before_the_copy(
+    pair: tuple[Database, Database],
+) -> None:
+    """Rows a preoperator wrote into the table in the load transaction are this transaction's
+    too: the checksum taken before the COPY is subtracted."""
+    source_db, dest_db = pair
+    source_db.execute("CREATE TABLE t (id int, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    dest_db.execute("CREATE TABLE t (id int, v text); INSERT INTO t VALUES (7, 'old')")
+    columns = ["id", "v"]
+    relation = sql.Identifier("t")
+    with repeatable_read(pinned(source_db)) as src, pinned(dest_db) as dst:
+        nothing = ck.destination_checksum(dst, relation, columns, ck.this_transaction(dst))
+        dst.execute("INSERT INTO t VALUES (8, 'preoperator'); UPDATE t SET v = 'x' WHERE id = 7")
+        baseline = ck.destination_checksum(dst, relation, columns, ck.this_transaction(dst))
+        copy(src, dst, "SELECT * FROM t", "t", columns, "text")
+        source, dest = both_sides(src, dst, "SELECT * FROM t", "t", columns)
+    assert nothing == ck.Checksum(0, 0)
+    assert baseline.rows == 2
+    assert dest != source
+    assert dest - baseline == source
+
+
 def test_source_checksum_is_the_copys_snapshot(pair: tuple[Database, Database]) -> None:
     """A row committed on the source between the COPY and the checksum is in neither."""
     source_db, dest_db = pair
@@ -248,16 +270,25 @@ def test_source_checksum_is_the_copys_snapshot(pair: tuple[Database, Database]) 
     )
     dest_db.execute("CREATE TABLE t (id int, v text)")
     columns = ["id", "v"]
-    with repeatable_read(pinned(source_db)) as src, pinned(dest_db) as dst:
+    with (
+        repeatable_read(pinned(source_db)) as src,
+        pinned(dest_db) as dst,
+        pinned(source_db) as second,
+    ):
+        ck.import_snapshot(second, ck.export_snapshot(src))
+        source_db.execute("INSERT INTO t VALUES (0, 'early')")  # committed after the snapshot, before the COPY
         copy(src, dst, "SELECT * FROM t", "t", columns, "text")
-        source_db.execute("INSERT INTO t VALUES (51, 'late')")  # another session, committed
+        source_db.execute("INSERT INTO t VALUES (51, 'late')")  # committed after it
         source, dest = both_sides(src, dst, "SELECT * FROM t", "t", columns)
-    assert source == dest
+        renderings = ck.destination_renderings(dst, sql.Identifier("t"), columns)
+        # A second source connection in the exported snapshot sees the same rows.
+        imported = ck.source_checksum(second, sql.SQL("SELECT * FROM t"), renderings)
+    assert source == dest == imported
     assert source.rows == 50
     with pinned(source_db) as fresh, pinned(dest_db) as dst:
         renderings = ck.destination_renderings(dst, sql.Identifier("t"), columns)
         now = ck.source_checksum(fresh, sql.SQL("SELECT * FROM t"), renderings)
-    assert now.rows == 51
+    assert now.rows == 52
 
 
 def test_one_scan_serves_destinations_of_different_types(

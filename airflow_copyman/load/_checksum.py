@@ -361,3 +361,21 @@ def source_checksum(
 ) -> Checksum:
     """The source's checksum rendered as one destination's columns."""
     return source_checksums(conn, select, [renderings])[0]
+
+
+def export_snapshot(conn: psycopg.Connection[Any]) -> str:
+    """The id of ``conn``'s transaction snapshot (``pg_export_snapshot()``), valid while that
+    transaction is open: a second source connection that imports it
+    (:func:`import_snapshot`) reads exactly the rows the COPY reads, so the source's checksum
+    can run during the COPY instead of after it."""
+    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def import_snapshot(conn: psycopg.Connection[Any], snapshot: str) -> None:
+    """Begin ``conn``'s transaction (``REPEATABLE READ, READ ONLY``; the connection must be
+    idle) in the snapshot another transaction exported."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
