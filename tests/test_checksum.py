@@ -275,10 +275,11 @@ def test_source_checksum_is_the_copys_snapshot(pair: tuple[Database, Database]) 
         pinned(dest_db) as dst,
         pinned(source_db) as second,
     ):
-        ck.import_snapshot(second, ck.export_snapshot(src))
-        source_db.execute("INSERT INTO t VALUES (0, 'early')")  # committed after the snapshot, before the COPY
+        snapshot = ck.export_snapshot(src)
+        source_db.execute("INSERT INTO t VALUES (0, 'early')")  # committed before the COPY
         copy(src, dst, "SELECT * FROM t", "t", columns, "text")
         source_db.execute("INSERT INTO t VALUES (51, 'late')")  # committed after it
+        ck.import_snapshot(second, snapshot)
         source, dest = both_sides(src, dst, "SELECT * FROM t", "t", columns)
         renderings = ck.destination_renderings(dst, sql.Identifier("t"), columns)
         # A second source connection in the exported snapshot sees the same rows.
