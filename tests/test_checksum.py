@@ -319,3 +319,50 @@ def test_only_utf8_databases_compare(server: LocalServer, dbs: Databases) -> Non
         with pytest.raises(ck.ChecksumError, match=r"needs UTF8 databases .*LATIN1"):
             ck.require_comparable(latin, "destination x")
     ck.require_comparable(dbs.new("ckutf"), "source")
+
+
+def test_verify_all_fails_only_the_altered_destination(
+    server: LocalServer, pair: tuple[Database, Database]
+) -> None:
+    """Two destinations loaded at once: the one whose trigger alters a value gets a mismatch
+    naming it, the other its checksum (equal to the source's)."""
+    source_db, good_db = pair
+    name = f"ckbad_{next(_counter)}"
+    create_database(server.address, name)
+    bad_db = Database(server, name)
+    source_db.execute(
+        "CREATE TABLE t (id int, v text); INSERT INTO t SELECT g, 'v' || g "
+        "FROM generate_series(1, 100) g"
+    )
+    for db in (good_db, bad_db):
+        db.execute("CREATE TABLE t (id int, v text)")
+    bad_db.execute(
+        "CREATE FUNCTION nudge() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN IF NEW.id = 50 THEN NEW.v := 'changed'; END IF; RETURN NEW; END $$;"
+        "CREATE TRIGGER nudge BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION nudge()"
+    )
+    relation = sql.Identifier("t")
+    with (
+        repeatable_read(pinned(source_db)) as src,
+        pinned(good_db) as good,
+        pinned(bad_db) as bad,
+    ):
+        renderings = {c: ck.destination_renderings(c, relation, ["id", "v"]) for c in (good, bad)}
+        copyman.transfer(
+            (src, "COPY (SELECT * FROM t) TO STDOUT (FORMAT binary)"),
+            (good, "COPY t FROM STDIN (FORMAT binary)"),
+            (bad, "COPY t FROM STDIN (FORMAT binary)"),
+        )
+        written = [
+            ck.Written(label, c, relation, renderings[c], ck.this_transaction(c))
+            for label, c in (("good.t", good), ("bad.t", bad))
+        ]
+        good_result, bad_result = ck.verify_all(src, sql.SQL("SELECT * FROM t"), written)
+        # Each connection is usable after it (between statements, in its transaction).
+        assert good.execute("SELECT count(*) FROM t").fetchone() == (100,)
+        assert bad.execute("SELECT count(*) FROM t").fetchone() == (100,)
+    assert isinstance(good_result, ck.Checksum) and good_result.rows == 100
+    assert isinstance(bad_result, ck.ChecksumMismatch)
+    assert bad_result.table == "bad.t"
+    assert bad_result.source == good_result
+    assert "bad.t" in str(bad_result)

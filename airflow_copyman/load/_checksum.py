@@ -379,3 +379,65 @@ def import_snapshot(conn: psycopg.Connection[Any], snapshot: str) -> None:
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True
     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+
+
+@dataclass(frozen=True)
+class Written:
+    """The rows one destination's load wrote, to verify: ``table`` names it in errors,
+    ``relation``/``where`` select the rows (see the module's docstring), ``renderings`` come
+    from :func:`destination_renderings` (taken at planning, before anything moved)."""
+
+    table: str
+    conn: psycopg.Connection[Any]
+    relation: sql.Composable
+    renderings: Sequence[ColumnRendering]
+    where: sql.Composable | None = None
+    #: Subtracted from the destination's checksum: what :func:`this_transaction` selected
+    #: before the COPY (rows a preoperator wrote into the table in the same transaction).
+    baseline: Checksum | None = None
+
+
+def verify_all(
+    source: psycopg.Connection[Any],
+    select: sql.Composable,
+    written: Sequence[Written],
+) -> list[Checksum | BaseException]:
+    """Take the source's checksums (one scan, in ``source``'s open transaction) and each
+    destination's at once, wait for them together and compare. Per destination, in order: its
+    checksum where it matches the source's, else the error (a :class:`ChecksumMismatch`, or
+    the server's error, the source's for all of them if the source's failed). Every query
+    started is waited for, so every connection is left between statements (in a failed
+    transaction where its query failed: roll it back)."""
+    columns = [[r.name for r in w.renderings] for w in written]
+    try:
+        source_pending: Pending[list[Checksum]] | BaseException = start_source_checksums(
+            source, select, [w.renderings for w in written]
+        )
+    except psycopg.Error as exc:
+        source_pending = exc
+    pending: list[Pending[Checksum] | BaseException] = []
+    for w, names in zip(written, columns, strict=True):
+        try:
+            pending.append(start_destination_checksum(w.conn, w.relation, names, w.where))
+        except psycopg.Error as exc:
+            pending.append(exc)
+    sums: list[Checksum] | BaseException
+    try:
+        sums = source_pending.wait() if isinstance(source_pending, Pending) else source_pending
+    except psycopg.Error as exc:
+        sums = exc
+    out: list[Checksum | BaseException] = []
+    for i, (w, p) in enumerate(zip(written, pending, strict=True)):
+        try:
+            got = p.wait() if isinstance(p, Pending) else p
+        except psycopg.Error as exc:
+            got = exc
+        if isinstance(got, Checksum) and w.baseline is not None:
+            got = got - w.baseline
+        if isinstance(sums, BaseException):
+            out.append(sums)
+        elif isinstance(got, Checksum) and got != sums[i]:
+            out.append(ChecksumMismatch(w.table, sums[i], got))
+        else:
+            out.append(got)
+    return out
