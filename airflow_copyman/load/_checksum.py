@@ -103,7 +103,9 @@ class ChecksumMismatch(ChecksumError):
         super().__init__(
             f"table {table}: the checksum of the rows loaded ({destination}) differs from "
             f"the source's ({source}): the destination changed the rows (a trigger, a "
-            "rule, a type that reads values differently) or lost or duplicated some"
+            "rule, a type that reads values differently) or lost or duplicated some, or the "
+            "source query returns other rows each time it runs (random(), LIMIT without "
+            "ORDER BY)"
         )
 
 
