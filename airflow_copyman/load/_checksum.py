@@ -409,30 +409,31 @@ def verify_all(
     checksum where it matches the source's, else the error (a :class:`ChecksumMismatch`, or
     the server's error, the source's for all of them if the source's failed). Every query
     started is waited for, so every connection is left between statements (in a failed
-    transaction where its query failed: roll it back)."""
+    transaction where its query failed: roll it back). A stop or a time-out (the
+    connections' own bounds) is returned as that destination's error, like any other."""
     columns = [[r.name for r in w.renderings] for w in written]
     try:
         source_pending: Pending[list[Checksum]] | BaseException = start_source_checksums(
             source, select, [w.renderings for w in written]
         )
-    except psycopg.Error as exc:
+    except Exception as exc:  # also a stop (Cancelled), a time-out
         source_pending = exc
     pending: list[Pending[Checksum] | BaseException] = []
     for w, names in zip(written, columns, strict=True):
         try:
             pending.append(start_destination_checksum(w.conn, w.relation, names, w.where))
-        except psycopg.Error as exc:
+        except Exception as exc:  # also a stop (Cancelled), a time-out
             pending.append(exc)
     sums: list[Checksum] | BaseException
     try:
         sums = source_pending.wait() if isinstance(source_pending, Pending) else source_pending
-    except psycopg.Error as exc:
+    except Exception as exc:  # also a stop (Cancelled), a time-out
         sums = exc
     out: list[Checksum | BaseException] = []
     for i, (w, p) in enumerate(zip(written, pending, strict=True)):
         try:
             got = p.wait() if isinstance(p, Pending) else p
-        except psycopg.Error as exc:
+        except Exception as exc:  # also a stop (Cancelled), a time-out
             got = exc
         if isinstance(got, Checksum) and w.baseline is not None:
             got = got - w.baseline
