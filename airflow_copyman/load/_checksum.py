@@ -34,10 +34,12 @@ Both sides render the same values the same way:
   probe of the hash function, by :func:`require_comparable`).
 
 The source checksum runs on the source's connection inside its ``REPEATABLE READ`` transaction
-(before or after its COPY: the same snapshot, the same rows). It runs the source query a
-second time, so the query must be deterministic (no ``random()``, ``clock_timestamp()``,
-``LIMIT`` without ``ORDER BY``). The destination checksum runs in the load transaction after
-the COPY, over the rows that load wrote (:func:`this_transaction` for an append).
+(before or after its COPY: the same snapshot, the same rows), or on a second source connection
+that imported that snapshot (:func:`export_snapshot`, :func:`import_snapshot`). It runs the
+source query a second time, so the query must be deterministic (no ``random()``,
+``clock_timestamp()``, ``LIMIT`` without ``ORDER BY``). The destination checksum runs in the
+load transaction after the COPY, over the rows that load wrote (:func:`this_transaction` for
+an append).
 
 This module imports no Airflow module and nothing else of the project.
 """
@@ -160,8 +162,9 @@ def destination_renderings(
     conn: psycopg.Connection[Any], relation: sql.Composable, columns: Sequence[str]
 ) -> list[ColumnRendering]:
     """The renderings of ``columns`` (names as the table spells them, in the COPY's order)
-    of ``relation`` on the destination. Domains over domains are resolved one level (their
-    base type's text form is the domain's)."""
+    of ``relation`` on the destination. A domain is rendered as its base type (its text form
+    is the base type's); a domain over a domain is resolved one level only, and so compared
+    by its text form, which is the same."""
     rows = conn.execute(
         _DESTINATION_COLUMNS,  # type: ignore[arg-type]
         {"relation": relation.as_string(conn), "first_normal": FIRST_NORMAL_OID},
