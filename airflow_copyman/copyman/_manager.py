@@ -300,9 +300,9 @@ class CopyManager:
             if pace is not None:
                 now = time.monotonic()
                 if (delay := pace.delay(now)) > 0:
-                    # Waiting for the cap is not the producer's stall.
-                    self._producer_progress_at = now
                     self._wait(want_producer=False, until=now + delay)
+                    # Waiting for the cap is not the producer's stall: its clock starts now.
+                    self._producer_progress_at = time.monotonic()
                     continue
                 max_bytes = pace.step
             try:

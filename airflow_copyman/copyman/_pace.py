@@ -44,7 +44,7 @@ class Pace:
         if reads and excess > 0:
             # Wait until enough of the window's reads have left it.
             freed = 0
-            for when, nbytes in reads:
+            for when, nbytes in reads:  # noqa: B007 - the last one looked at is wanted
                 freed += nbytes
                 if freed >= excess:
                     break
