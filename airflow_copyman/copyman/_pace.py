@@ -1,12 +1,14 @@
 """The bandwidth cap: when the copy may read its producer, and how much.
 
-Two rules, both at the cap's rate: a token bucket that holds at most one read's worth
-(``step``, an eighth of a second's worth at most) spreads the reads evenly over each
-second instead of one burst; and a log of the last second's reads refuses any read that
-could take that second over the cap. So every one-second window (the first one too) moves
-at most the cap, as long as no read returns more than it was asked for (statement
-producers never do, unless one record alone is larger than a read's share). A batch larger
-than asked for is still paid in full: the copy then waits longer, and the average holds.
+Two rules, both at the cap's rate: a token bucket that starts empty and holds at most one
+read's worth (``step``, an eighth of a second's worth at most) spreads the reads evenly
+instead of in bursts, and keeps the average since the start at most the cap; and a log of
+the last second's reads refuses any read that could take that second over the cap (after a
+pause the bucket alone would allow a second's worth plus a read). So the copy moves at most
+the cap in every one-second window and on average since it started, as long as no read
+returns more than it was asked for (statement producers never do, unless one record alone
+is larger than a read's share). A batch larger than asked for is still paid in full: the
+copy then waits longer, and the average holds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Pace:
     def __init__(self, rate: float, batch_bytes: int) -> None:
         self.rate = float(rate)
         self.step = max(1, min(batch_bytes, math.floor(self.rate / SLICES)))
-        self._tokens = float(self.step)
+        self._tokens = 0.0  # the first read waits for its share too
         self._at: float | None = None
         self._reads: deque[tuple[float, int]] = deque()  # (when, bytes) in the window
         self._in_window = 0
