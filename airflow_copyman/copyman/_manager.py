@@ -4,8 +4,9 @@ Each cycle (``__next__``) first lets every receiver deliver what it can without 
 then reads one batch from the producer, queues it for every receiver and returns its
 counts. The producer is read only while every receiver has room in its queue
 (``queue_bytes``), so memory stays bounded and the copy runs at the pace of the slowest
-receiver without any receiver waiting for the others between batches. When nothing can
-move, the manager waits on all the sockets at once. Starting, cancelling and ending COPYs
+receiver without any receiver waiting for the others between batches. Under a bandwidth
+cap (``_pace``) it is also read only while the cap allows. When nothing can move, the
+manager waits on all the sockets at once (and for the cap, with a deadline). Starting, cancelling and ending COPYs
 are protocol steps too (``_steps``): the same loop runs them for every connection at once.
 """
 
@@ -61,8 +62,9 @@ class CopyManager:
     :param batch_bytes: size of the batch read from the producer in one cycle.
     :param queue_bytes: most data queued for a receiver before the producer waits.
     :param max_bytes_per_second: the cap: at most this many bytes read from the producer
-        in any one-second window (``_pace``); None (the default): no cap. The time the cap
-        makes the copy wait is nobody's stall: it counts towards no time-out.
+        in any one-second window and on average since the start (``_pace``); None (the
+        default): no cap. The time the cap makes the copy wait is nobody's stall: it counts
+        towards no time-out.
 
     Before anything runs, the fittings' database sessions are checked (``_session``): a
     session that would change the data in flight is refused with ``CopyUsageError``.
