@@ -6,8 +6,9 @@ counts. The producer is read only while every receiver has room in its queue
 (``queue_bytes``), so memory stays bounded and the copy runs at the pace of the slowest
 receiver without any receiver waiting for the others between batches. Under a bandwidth
 cap (``_pace``) it is also read only while the cap allows. When nothing can move, the
-manager waits on all the sockets at once (and for the cap, with a deadline). Starting, cancelling and ending COPYs
-are protocol steps too (``_steps``): the same loop runs them for every connection at once.
+manager waits on all the sockets at once (and for the cap, with a deadline). Starting,
+cancelling and ending COPYs are protocol steps too (``_steps``): the same loop runs them for
+every connection at once.
 """
 
 from __future__ import annotations
