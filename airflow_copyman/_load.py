@@ -74,6 +74,7 @@ class Transfer:
         on_commit: Callable[[DestinationResult], None] | None,
         progress_interval: float,
         receiver_timeout: float,
+        max_bytes_per_second: float | None = None,
     ) -> None:
         self.hook = source
         self.log = source.log
@@ -84,6 +85,9 @@ class Transfer:
             _arguments.parameters(parameters)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            self.max_bytes_per_second = _arguments.bytes_per_second(
+                "max_bytes_per_second", max_bytes_per_second
+            )
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise _arguments.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
@@ -533,7 +537,10 @@ class Transfer:
         try:
             # The engine checks the sessions here (the pinned settings make them agree).
             manager = copyman.CopyManager(
-                producer, *receivers, receiver_timeout=self.receiver_timeout
+                producer,
+                *receivers,
+                receiver_timeout=self.receiver_timeout,
+                max_bytes_per_second=self.max_bytes_per_second,
             )
         except (copyman.CopyUsageError, psycopg.Error, TimeoutError) as exc:
             for target in loading:
@@ -843,12 +850,13 @@ class Transfer:
         producer = self.producer
         if producer is not None:
             self.log.info(
-                "%s source %s: %d rows, %s, %s/s%s",
+                "%s source %s: %d rows, %s, %s/s%s%s",
                 "Done:" if final else "Progress:",
                 self.hook.conn_id,
                 producer.rows,
                 _size(producer.bytes),
                 _size(producer.bytes / elapsed),
+                _cap_note(self.max_bytes_per_second),
                 "" if final else _estimate.progress_note(self.estimate, producer.rows, elapsed),
             )
         for receiver, target in receivers.items():
@@ -906,6 +914,10 @@ def _count_error(target: Target, rows: int | None, source_rows: int | None) -> B
     if conn is None or conn.closed or conn.broken:
         return psycopg.OperationalError(text)
     return copyman.RowCountMismatch(text)
+
+
+def _cap_note(cap: float | None) -> str:
+    return "" if cap is None else f" (capped at {_size(cap)}/s)"
 
 
 def _size(nbytes: float) -> str:

@@ -91,9 +91,14 @@ class CopyManOperator(BaseOperator):
     :param receiver_timeout: seconds a source or destination may move nothing before it
         fails; every statement the task runs itself (ledger, planning, truncate,
         preoperators, commits) must answer within it too.
+    :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
+        from the source in any second (None, the default: no cap). Its waits count
+        towards no time-out. (templated)
     """
 
-    template_fields: Sequence[str] = ("source_conn_id", "sql", "destinations", "parameters")
+    template_fields: Sequence[str] = (
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+    )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {
         "sql": "sql",
@@ -115,6 +120,7 @@ class CopyManOperator(BaseOperator):
         resume_on_clear: bool = False,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
+        max_bytes_per_second: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -128,6 +134,7 @@ class CopyManOperator(BaseOperator):
         self.resume_on_clear = resume_on_clear
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
+        self.max_bytes_per_second = max_bytes_per_second
         self._hook: CopyManHook | None = None
         self._killed = False
         self._report: TransferReport | None = None
@@ -140,6 +147,8 @@ class CopyManOperator(BaseOperator):
                 _arguments.sql(sql)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            if not _arguments.is_deferred(max_bytes_per_second):
+                _arguments.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
             if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
@@ -185,6 +194,9 @@ class CopyManOperator(BaseOperator):
         try:
             specs = self._destination_specs()
             _arguments.parameters(self.parameters)  # rendered now
+            cap = _arguments.bytes_per_second(
+                "max_bytes_per_second", self.max_bytes_per_second, rendered=True
+            )
         except _arguments.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
@@ -236,6 +248,7 @@ class CopyManOperator(BaseOperator):
                     on_commit=lambda result: state.record(result, ti.try_number),
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
+                    max_bytes_per_second=cap,
                     raise_on_failure=False,
                 )
             else:
