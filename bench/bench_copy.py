@@ -9,7 +9,11 @@ mixed types generated server-side, and measures in one run, for the text and bin
 * ``psql-tee``  the same through ``tee`` and two fifos to 3 destinations;
 * ``psycopg``   the psycopg recipe ``for data in copy_out: copy_in.write(data)`` (1 destination);
 * ``pypg``      the original engine, py-postgresql's ``postgresql.copyman.transfer`` (1 and 3);
-* ``copyman``   ``airflow_copyman.copyman.transfer`` (1 and 3), skipped while not importable.
+* ``copyman``   ``airflow_copyman.copyman.transfer`` (1 and 3), skipped while not importable;
+* ``copyman-base`` the same at another git revision (``--baseline REV``, 1 destination), to
+                compare two versions of the engine in one run;
+* ``copyman-cap`` ``copyman`` under a bandwidth cap (``--cap MB/s``, 1 destination): the
+                report says the rate measured against the rate asked.
 
 Every case runs in a fresh subprocess (``--worker``), so its peak RSS is its own. Destinations
 are truncated before each case, outside the timing, and their rows are checked after it.
@@ -17,6 +21,8 @@ are truncated before each case, outside the timing, and their rows are checked a
     .venv/bin/python bench/bench_copy.py                 # full run, 2,000,000 rows
     .venv/bin/python bench/bench_copy.py --rows 200000   # quick run
     .venv/bin/python bench/bench_copy.py --rss-check     # copyman peak RSS, 200k vs 2M rows
+    .venv/bin/python bench/bench_copy.py --rows 300000 --only psql,copyman --baseline b0f1618 \
+        --cap 10                                         # this engine vs b0f1618, and capped
 
 See bench/README.md.
 """
@@ -95,6 +101,8 @@ class Case:
             "psycopg": "psycopg loop (copy_out -> write)",
             "pypg": "py-postgresql copyman",
             "copyman": "airflow_copyman.copyman",
+            "copyman-base": "airflow_copyman.copyman at --baseline",
+            "copyman-cap": "airflow_copyman.copyman, --cap",
         }[self.method]
 
     @property
@@ -110,8 +118,10 @@ ALL_CASES = [
     Case("pypg", 3),
     Case("copyman", 1),
     Case("copyman", 3),
+    Case("copyman-base", 1),
+    Case("copyman-cap", 1),
 ]
-METHODS = ["psql", "psycopg", "pypg", "copyman"]
+METHODS = ["psql", "psycopg", "pypg", "copyman", "copyman-base", "copyman-cap"]
 
 
 def copy_statements(fmt: str, src_table: str) -> tuple[str, str]:
@@ -306,10 +316,12 @@ def _worker_copyman(spec: dict[str, Any]) -> dict[str, Any]:
     dsts = [_connect_psycopg(d, autocommit=False) for d in spec["dsts"]]
     rss_before = _current_rss_kib()
     cpu0 = _cpu_seconds()
+    options = {"max_bytes_per_second": spec["cap"]} if spec.get("cap") else {}
     t0 = time.perf_counter()
     nrows, nbytes = copyman.transfer(
         copyman.StatementProducer(src, spec["src_sql"]),
         *[copyman.StatementReceiver(d, spec["dst_sql"]) for d in dsts],
+        **options,
     )
     for d in dsts:
         d.commit()
@@ -318,12 +330,14 @@ def _worker_copyman(spec: dict[str, Any]) -> dict[str, Any]:
     for conn in [src, *dsts]:
         conn.close()
     return {"seconds": seconds, "cpu_seconds": cpu, "rows": nrows, "bytes": nbytes,
-            "rss_before_kib": rss_before}
+            "rss_before_kib": rss_before, "module": copyman.__file__}
 
 
 def worker_main() -> int:
     spec = json.loads(sys.stdin.read())
     method = spec["method"]
+    if spec.get("pythonpath"):  # another revision of the package (--baseline)
+        sys.path.insert(0, spec["pythonpath"])
     if method == "psql":
         result = _worker_psql(spec)
     else:
@@ -331,7 +345,7 @@ def worker_main() -> int:
             result = _worker_psycopg(spec)
         elif method == "pypg":
             result = _worker_pypg(spec)
-        elif method == "copyman":
+        elif method in ("copyman", "copyman-base", "copyman-cap"):
             result = _worker_copyman(spec)
         else:
             raise SystemExit(f"unknown method {method!r}")
@@ -539,6 +553,10 @@ class Bench:
             "src": server_dict(self.src), "dsts": [server_dict(d) for d in dsts],
             "psql": self.psql, "use_time": self.use_time, "workdir": str(self.workdir),
         }
+        if case.method == "copyman-base":
+            spec["pythonpath"] = str(self.baseline_dir())
+        if case.method == "copyman-cap":
+            spec["cap"] = self.args.cap * 1e6
         if case.method == "pypg":
             spec["pypg_src"] = server_dict(self.src, PYPG_ROLE, self.pypg_password)
             spec["pypg_dsts"] = [server_dict(d, PYPG_ROLE, self.pypg_password) for d in dsts]
@@ -574,13 +592,29 @@ class Bench:
         with contextlib.suppress(Exception):
             worker.wait(5)
 
+    def baseline_dir(self) -> Path:
+        """The package at ``--baseline`` (``git archive``), extracted once."""
+        target = self.workdir / f"baseline-{self.args.baseline}"
+        if not (target / "airflow_copyman").is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", self.args.baseline, "airflow_copyman"],
+                capture_output=True, check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+        return target
+
     def unavailable(self, case: Case) -> str | None:
-        if case.method == "copyman":
+        if case.method.startswith("copyman"):
+            path = str(self.baseline_dir()) if case.method == "copyman-base" else ""
             probe = subprocess.run(
                 [sys.executable, "-c",
+                 "import sys\n"
+                 f"sys.path.insert(0, {path!r})\n"
                  "from airflow_copyman import copyman\n"
                  "assert callable(copyman.transfer)\n"
-                 "copyman.StatementProducer, copyman.StatementReceiver"],
+                 "copyman.StatementProducer, copyman.StatementReceiver\n"
+                 f"assert {path!r} in copyman.__file__, copyman.__file__"],
                 capture_output=True, text=True, cwd=str(REPO),
             )
             if probe.returncode != 0:
@@ -697,6 +731,18 @@ def results_table(outcomes: list[Outcome], payload: dict[str, int], rows: int) -
     return "\n".join(lines)
 
 
+def cap_note(outcomes: list[Outcome], args: argparse.Namespace) -> str:
+    """The rate each capped run moved (its COPY stream over its whole time, start and
+    commit included) against the rate asked."""
+    lines = []
+    for o in outcomes:
+        if o.case.method == "copyman-cap" and o.runs:
+            rates = ", ".join(f"{r.detail['bytes'] / 1e6 / r.seconds:.2f}" for r in o.runs)
+            lines.append(f"- copyman capped, {o.fmt}: asked {args.cap:g} MB/s, measured "
+                         f"{rates} MB/s")
+    return "\n\n" + "\n".join(lines) if lines else ""
+
+
 def environment(bench: Bench, rows_list: list[int]) -> str:
     import psycopg
 
@@ -783,6 +829,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="markdown file (default bench/results-<date>.md)")
     p.add_argument("--timeout", type=float,
                    help="seconds per case before its worker is killed (default 60 + rows/10,000)")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also run copyman as of this git revision (case copyman-base-1)")
+    p.add_argument("--cap", type=float, metavar="MB/s",
+                   help="also run copyman with max_bytes_per_second = this x 10^6 "
+                        "(case copyman-cap-1)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -800,7 +851,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ]
         args.rss_rows = [int(x) for x in args.rss_rows.split(",")]
     else:
-        args.cases = [c for c in ALL_CASES if not wanted or c.key in wanted or c.method in wanted]
+        args.cases = [
+            c for c in ALL_CASES
+            if not wanted or c.key in wanted or c.method in wanted
+            or (c.method.startswith("copyman-") and "copyman" in wanted)
+        ]
+    # The extra copyman cases run only with their option.
+    extra = {"copyman-base": args.baseline, "copyman-cap": args.cap}
+    args.cases = [c for c in args.cases if extra.get(c.method, True)]
     if args.rows < 1 or args.repeat < 1:
         p.error("--rows and --repeat must be positive")
     if args.timeout is None:
@@ -839,7 +897,7 @@ def main(argv: list[str]) -> int:
             bench.load(args.rows)
             outcomes = bench.run_cases(args.cases, args.rows, args.repeat)
             payload = {f: bench.payload[(args.rows, f)] for f in args.formats}
-            table = results_table(outcomes, payload, args.rows)
+            table = results_table(outcomes, payload, args.rows) + cap_note(outcomes, args)
             body = (f"{args.rows:,} rows, {args.repeat} run(s) per case (median), "
                     f"formats: {', '.join(args.formats)}.\n\n"
                     f"{environment(bench, [args.rows])}\n\n{table}\n\n{notes}")

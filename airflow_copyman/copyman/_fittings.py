@@ -92,7 +92,9 @@ class Producer(Fitting, ABC):
 
     def read(self, max_bytes: int) -> Batch | None:
         """The next batch of about ``max_bytes``, or None if none is ready yet or at the end
-        (then ``done`` is set). Must not block."""
+        (then ``done`` is set). Must not block. A batch larger than ``max_bytes`` is paid in
+        full under a bandwidth cap (``StatementProducer`` returns one only when its first
+        record alone is larger)."""
         batch = self._read_batch(max_bytes)
         if batch is not None:
             self.rows += batch.rows

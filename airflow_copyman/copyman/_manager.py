@@ -4,14 +4,17 @@ Each cycle (``__next__``) first lets every receiver deliver what it can without 
 then reads one batch from the producer, queues it for every receiver and returns its
 counts. The producer is read only while every receiver has room in its queue
 (``queue_bytes``), so memory stays bounded and the copy runs at the pace of the slowest
-receiver without any receiver waiting for the others between batches. When nothing can
-move, the manager waits on all the sockets at once. Starting, cancelling and ending COPYs
-are protocol steps too (``_steps``): the same loop runs them for every connection at once.
+receiver without any receiver waiting for the others between batches. Under a bandwidth
+cap (``_pace``) it is also read only while the cap allows. When nothing can move, the
+manager waits on all the sockets at once (and for the cap, with a deadline). Starting,
+cancelling and ending COPYs are protocol steps too (``_steps``): the same loop runs them for
+every connection at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -31,6 +34,7 @@ from ._errors import (
     ReceiverTimeout,
 )
 from ._fittings import Fitting, Producer, Receiver, Wait
+from ._pace import Pace
 from ._session import check_sessions
 from ._statement import ABORT_TIMEOUT, StatementProducer, StatementReceiver
 from ._steps import MAX_WAIT, Driver, Step, select_fds
@@ -58,6 +62,10 @@ class CopyManager:
         it (or its COPY take to start) before it faults; ``receiver_timeout`` by default.
     :param batch_bytes: size of the batch read from the producer in one cycle.
     :param queue_bytes: most data queued for a receiver before the producer waits.
+    :param max_bytes_per_second: the cap: at most this many bytes read from the producer
+        in any one-second window and on average since the start (``_pace``); None (the
+        default): no cap. The time the cap makes the copy wait is nobody's stall: it counts
+        towards no time-out.
 
     Before anything runs, the fittings' database sessions are checked (``_session``): a
     session that would change the data in flight is refused with ``CopyUsageError``.
@@ -71,6 +79,7 @@ class CopyManager:
         producer_timeout: float | None = None,
         batch_bytes: int = BATCH_BYTES,
         queue_bytes: int = QUEUE_BYTES,
+        max_bytes_per_second: float | None = None,
     ) -> None:
         _check_fittings(producer, receivers)
         if producer_timeout is None:
@@ -83,6 +92,14 @@ class CopyManager:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise CopyUsageError(f"{name} must be a positive number, got {value!r}")
+        cap = max_bytes_per_second
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)
+            or cap <= 0
+        ):
+            raise CopyUsageError(
+                f"max_bytes_per_second must be a positive number or None, got {cap!r}"
+            )
         check_sessions(producer, receivers, timeout=min(receiver_timeout, producer_timeout))
         self.producer = producer
         producer.keep_records = any(r.needs_records for r in receivers)
@@ -91,6 +108,8 @@ class CopyManager:
         self.producer_timeout = producer_timeout
         self.batch_bytes = batch_bytes
         self.queue_bytes = queue_bytes
+        self.max_bytes_per_second = cap
+        self._pace = Pace(cap, batch_bytes) if cap is not None else None
         #: Receivers dropped by a fault and not reconciled, with what failed them.
         self.faults: dict[Receiver, BaseException] = {}
         self._all = list(receivers)  # in the caller's order, for stable reporting
@@ -279,10 +298,22 @@ class CopyManager:
                 self._producer_progress_at = time.monotonic()
                 self._wait(want_producer=False)
                 continue
+            max_bytes = self.batch_bytes
+            pace = self._pace
+            if pace is not None:
+                now = time.monotonic()
+                if (delay := pace.delay(now)) > 0:
+                    self._wait(want_producer=False, until=now + delay)
+                    # Waiting for the cap is not the producer's stall: its clock starts now.
+                    self._producer_progress_at = time.monotonic()
+                    continue
+                max_bytes = pace.step
             try:
-                batch = producer.read(self.batch_bytes)
+                batch = producer.read(max_bytes)
             except Exception as exc:
                 raise ProducerFault(self) from exc
+            if pace is not None and batch is not None:
+                pace.spent(now, batch.nbytes)
             if producer.done:
                 for receiver in self.receivers:
                     receiver.end(producer.rows)
@@ -313,7 +344,11 @@ class CopyManager:
                 faults[receiver] = exc
                 continue
             self._waits[receiver] = wait
-            if wait is not Wait.READY and now - receiver.progress_at > self.receiver_timeout:
+            if wait is Wait.READY:
+                # Nothing to send is not a stall: its clock starts when it has data again
+                # (after a wait for the producer or the cap, however long).
+                receiver.progress_at = max(receiver.progress_at, now)
+            elif now - receiver.progress_at > self.receiver_timeout:
                 faults[receiver] = ReceiverTimeout(
                     f"{receiver!r} made no progress for {self.receiver_timeout:g} s"
                 )
@@ -347,11 +382,14 @@ class CopyManager:
             receiver.progress_at += pause
         self._producer_progress_at += pause
 
-    def _wait(self, *, want_producer: bool) -> None:
-        """Block until a socket can move data, a time-out comes, or MAX_WAIT passes."""
+    def _wait(self, *, want_producer: bool, until: float | None = None) -> None:
+        """Block until a socket can move data, a time-out comes, ``until`` (the cap
+        allows a read) or MAX_WAIT passes."""
         wants: list[tuple[int, Wait]] = []
         now = time.monotonic()
         deadline = now + MAX_WAIT
+        if until is not None:
+            deadline = min(deadline, until)
         if want_producer and (fd := self.producer.fileno()) is not None:
             wants.append((fd, Wait.READ))
             deadline = min(deadline, self._producer_progress_at + self.producer_timeout)
@@ -363,6 +401,8 @@ class CopyManager:
             deadline = min(deadline, receiver.progress_at + self.receiver_timeout)
         if wants:
             select_fds(wants, deadline - time.monotonic())
+        elif until is not None:
+            time.sleep(max(0.0, deadline - time.monotonic()))
 
     # Control.
 

@@ -357,6 +357,8 @@ class StatementProducer(_StatementFitting, Producer):
         _StatementFitting.__init__(self, connection, sql, params)
         self._pending_error: BaseException | None = None
         self._results: list[pq.abc.PGresult] = []
+        #: The record that would have taken the last batch over its size: the next one's first.
+        self._carry: Buffer | None = None
 
     def start(self) -> None:
         _run(self.starting())
@@ -382,6 +384,13 @@ class StatementProducer(_StatementFitting, Producer):
         count = 0
         first: Buffer = b""
         last: Buffer = b""
+        if (carry := self._carry) is not None:
+            self._carry = None
+            buffer += carry
+            first = last = carry
+            count = 1
+            if records is not None:
+                records.append(carry)
         try:
             if self._in_copy is None:  # the data ended: waiting for the final result
                 self._read_end()
@@ -418,6 +427,16 @@ class StatementProducer(_StatementFitting, Producer):
             self._pending_error = error
         if not count:
             return None
+        if len(buffer) > max_bytes and count > 1 and self._pending_error is None:
+            # A batch is never larger than asked for (the bandwidth cap counts on it),
+            # unless its first record alone is: the last record waits for the next batch.
+            # The record before it is a row (binary COPY's trailer comes last), hence b"".
+            self._carry = last
+            del buffer[len(buffer) - len(memoryview(last)) :]
+            count -= 1
+            last = b""
+            if records is not None:
+                records.pop()
         return Batch(buffer, self._counter.count_parts(count, first, last), records)
 
     def _read_end(self) -> None:

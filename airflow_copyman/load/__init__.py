@@ -83,10 +83,14 @@ def run(
     progress_interval: float = 5.0,
     receiver_timeout: float = RECEIVER_TIMEOUT,
     min_rows: int = 0,
+    max_bytes_per_second: float | None = None,
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> TransferReport:
     """Copy the rows of ``sql`` (a query or a table name) from ``source`` into every
     destination (each finds its endpoint in ``endpoints`` by its ``conn_id``), in one pass.
+
+    ``max_bytes_per_second`` caps the copy: at most that many bytes read from the source
+    in any second (None: no cap).
 
     :raises ConfigError: bad input, found before any destination was written.
     :returns: the report (failed destinations are in it, rolled back).
@@ -94,5 +98,6 @@ def run(
     return Transfer(
         source, sql, destinations, endpoints=endpoints, parameters=parameters, format=format,
         ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
-        receiver_timeout=receiver_timeout, min_rows=min_rows, log=log,
+        receiver_timeout=receiver_timeout, min_rows=min_rows,
+        max_bytes_per_second=max_bytes_per_second, log=log,
     ).run()

@@ -8,6 +8,7 @@ the argument. This module imports no Airflow module.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +39,27 @@ def seconds(name: str, value: Any, *, zero_ok: bool) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         bound = "zero or more" if zero_ok else "more than zero"
         raise ArgumentError(f"{name} must be {bound} seconds, got {value!r}")
+    return float(value)
+
+
+def bytes_per_second(name: str, value: Any, *, rendered: bool = False) -> float | None:
+    """None (no cap) or a number of bytes per second: an int or float (not a bool), finite,
+    more than zero. ``rendered``: a value Jinja rendered, so the text of a number (or
+    ``None``, or nothing) is taken as what it was."""
+    if rendered and isinstance(value, str):
+        text = value.strip()
+        if text in ("", "None"):
+            return None
+        with contextlib.suppress(ValueError):
+            value = float(text)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ArgumentError(
+            f"{name} must be a number of bytes per second, or None, got {kind(value)}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ArgumentError(f"{name} must be more than zero bytes per second, got {value!r}")
     return float(value)
 
 

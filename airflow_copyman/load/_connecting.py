@@ -13,6 +13,7 @@ from airflow_copyman.load import (
     _modes,
     _plan,
     _readonly,
+    _relation,
 )
 from airflow_copyman.load._endpoint import Endpoint
 from airflow_copyman.load._spec import ConfigError
@@ -99,6 +100,24 @@ class Connecting(State):
         self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
+
+    def _locate(self) -> None:
+        """Name each destination's table as its server does (for the asset events): an
+        unqualified name is resolved through the session's search_path, not guessed."""
+        for target in self.targets:
+            conn, table = target.conn, target.table
+            if conn is None or conn.closed or table is None:
+                continue
+            try:
+                target.result.relation = _relation.locate(conn, table)
+            except psycopg.Error as exc:
+                # Naming is not loading: what is wrong with the connection, the load says.
+                self.log.debug(
+                    "%s: could not name the table: %s",
+                    target.label,
+                    _classify.describe(exc, self.secrets),
+                )
+            self._rollback(target)
 
     def _log_connections(self) -> None:
         """How many sessions this task holds: a DBA sizing ``max_connections`` (or an

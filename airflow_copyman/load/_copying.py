@@ -68,7 +68,10 @@ class Copying(State):
         try:
             # The engine checks the sessions here (the pinned settings make them agree).
             manager = copyman.CopyManager(
-                producer, *receivers, receiver_timeout=self.receiver_timeout
+                producer,
+                *receivers,
+                receiver_timeout=self.receiver_timeout,
+                max_bytes_per_second=self.max_bytes_per_second,
             )
         except (copyman.CopyUsageError, psycopg.Error, TimeoutError) as exc:
             for target in loading:
@@ -205,12 +208,13 @@ class Copying(State):
         producer = self.producer
         if producer is not None:
             self.log.info(
-                "%s source %s: %d rows, %s, %s/s%s",
+                "%s source %s: %d rows, %s, %s/s%s%s",
                 "Done:" if final else "Progress:",
                 self.origin.name,
                 producer.rows,
                 size(producer.bytes),
                 size(producer.bytes / elapsed),
+                _cap_note(self.max_bytes_per_second),
                 "" if final else _estimate.progress_note(self.estimate, producer.rows, elapsed),
             )
         for receiver, target in receivers.items():
@@ -225,3 +229,7 @@ class Copying(State):
                 size(receiver.bytes / elapsed),
                 state,
             )
+
+
+def _cap_note(cap: float | None) -> str:
+    return "" if cap is None else f" (capped at {size(cap)}/s)"

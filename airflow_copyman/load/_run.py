@@ -61,6 +61,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         progress_interval: float = 5.0,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         min_rows: int = 0,
+        max_bytes_per_second: float | None = None,
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         self.origin = source
@@ -74,6 +75,9 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
             self.min_rows = _arguments.count("min_rows", min_rows)
+            self.max_bytes_per_second = _arguments.bytes_per_second(
+                "max_bytes_per_second", max_bytes_per_second
+            )
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise _arguments.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
@@ -121,6 +125,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self._resolve()
         try:
             self._connect()
+            self._locate()
             if self.ledger is not None and self._go_on():
                 self._check_ledger()
             if self._go_on():

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from airflow_copyman.load import _arguments, _plan
+from airflow_copyman.load._relation import Relation
 
 #: Keys a destination mapping may have.
 DESTINATION_KEYS = frozenset(
@@ -272,6 +273,8 @@ class DestinationResult:
     #: Merge only: rows of the source whose key was new (inserted) or found (updated).
     inserted: int | None = None
     updated: int | None = None
+    #: The table as its server names it (for asset URIs), once connected.
+    relation: Relation | None = None
 
     @property
     def label(self) -> str:

@@ -67,6 +67,7 @@ class State:
     sql: str
     endpoint_of: Callable[[str], Endpoint]
     min_rows: int
+    max_bytes_per_second: float | None
     requested_format: _plan.Format | None
     specs: list[Destination]
     parameters: _plan.Params | None

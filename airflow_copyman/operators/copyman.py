@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from airflow_copyman import _assets
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -34,6 +35,7 @@ from airflow_copyman._outcome import (
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 from airflow_copyman.load import _arguments, _plan
 from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load._relation import Relation
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -95,9 +97,14 @@ class CopyManOperator(BaseOperator):
         preoperators, commits) must answer within it too.
     :param min_rows: a source that yields fewer rows fails the task before any destination
         commits (a transient failure: late data may still arrive); default 0.
+    :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
+        from the source in any second (None, the default: no cap). Its waits count
+        towards no time-out. (templated)
     """
 
-    template_fields: Sequence[str] = ("source_conn_id", "sql", "destinations", "parameters")
+    template_fields: Sequence[str] = (
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+    )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {
         "sql": "sql",
@@ -120,6 +127,7 @@ class CopyManOperator(BaseOperator):
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
         min_rows: int = 0,
+        max_bytes_per_second: float | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -134,6 +142,7 @@ class CopyManOperator(BaseOperator):
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
         self.min_rows = min_rows
+        self.max_bytes_per_second = max_bytes_per_second
         self._hook: CopyManHook | None = None
         self._killed = False
         self._report: TransferReport | None = None
@@ -146,6 +155,8 @@ class CopyManOperator(BaseOperator):
                 _arguments.sql(sql)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
+            if not _arguments.is_deferred(max_bytes_per_second):
+                _arguments.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
             if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
@@ -168,6 +179,8 @@ class CopyManOperator(BaseOperator):
                 destinations_from(destinations, rendered=False)
             except CopyManConfigError as exc:
                 raise ValueError(f"{self.task_id}: {exc}") from None
+        # Each destination table is an asset: events go through this alias (README, Assets).
+        _assets.declare(self)
 
     def render_template(
         self,
@@ -190,6 +203,9 @@ class CopyManOperator(BaseOperator):
         try:
             specs = self._destination_specs()
             _arguments.parameters(self.parameters)  # rendered now
+            cap = _arguments.bytes_per_second(
+                "max_bytes_per_second", self.max_bytes_per_second, rendered=True
+            )
         except _arguments.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
@@ -242,6 +258,7 @@ class CopyManOperator(BaseOperator):
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
                     min_rows=self.min_rows,
+                    max_bytes_per_second=cap,
                     raise_on_failure=False,
                 )
             else:
@@ -267,6 +284,7 @@ class CopyManOperator(BaseOperator):
         result = report.as_dict()
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
+        _assets.emit(context, self, specs, report, ti.try_number)
         return result
 
     def on_kill(self) -> None:
@@ -376,6 +394,7 @@ class _StateMirror:
             rows=entry.get("rows"),
             bytes=entry.get("bytes"),
             try_number=entry.get("try_number"),
+            relation=Relation(*entry["relation"]) if entry.get("relation") else None,
         )
 
     def record(self, result: DestinationResult, try_number: int) -> None:
@@ -384,6 +403,7 @@ class _StateMirror:
             "bytes": result.bytes,
             "try_number": result.try_number or try_number,
             "loaded_at": datetime.now(UTC).isoformat(),
+            "relation": list(result.relation.parts) if result.relation else None,
         }
         self._write()
 

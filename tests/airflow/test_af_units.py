@@ -219,7 +219,9 @@ def test_operator_rejects_bad_arguments_at_parse_time() -> None:
             task_id="g", source_conn_id="s", sql="t", destinations=[{**good[0], "columns": [""]}]
         )
     op = CopyManOperator(task_id="f", source_conn_id="s", sql="q.sql", destinations=good)
-    assert op.template_fields == ("source_conn_id", "sql", "destinations", "parameters")
+    assert op.template_fields == (
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+    )
     assert op.template_ext == (".sql",)
 
 

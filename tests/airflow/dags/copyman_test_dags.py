@@ -276,3 +276,30 @@ with DAG(
         destinations=[{"conn_id": "pg_d1", "table": "items", "mode": "merge", "key": ["id"]}],
         retries=2,
     )
+
+
+# The bandwidth cap (issue 10): a templated cap, under a receiver_timeout shorter than the
+# copy, and a templated cap that renders to a bad value (a permanent failure).
+with DAG(
+    "copyman_test_cap",
+    schedule=None,
+    start_date=START,
+    default_args=DEFAULTS,
+    params={"cap": 512 * 1024, "bad_cap": -5},
+) as cap_dag:
+    CopyManOperator(
+        task_id="capped",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[{"conn_id": "pg_d1", "table": "orders"}],
+        max_bytes_per_second="{{ params.cap }}",
+        receiver_timeout=1.0,
+        progress_interval=0.5,
+    )
+    CopyManOperator(
+        task_id="capped_bad",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[{"conn_id": "pg_d1", "table": "orders_untouched"}],
+        max_bytes_per_second="{{ params.bad_cap }}",
+    )
