@@ -76,12 +76,8 @@ def asset_uri(host: str | None, port: int | None, relation: Relation) -> str:
 def extra_of(spec: Destination, result: DestinationResult, loaded_by: int | None) -> dict[str, Any]:
     """The event's extra: the load's metrics, as the destination's result has them."""
     values = result.as_dict()
-    extra: dict[str, Any] = {
-        "rows": result.rows,
-        "bytes": result.bytes,
-        "mode": values.get("mode") or getattr(result, "mode", None)
-        or ("replace" if spec.truncate else "append"),
-    }
+    # The destination's mode (``truncate=True`` is ``mode="replace"`` there already).
+    extra: dict[str, Any] = {"rows": result.rows, "bytes": result.bytes, "mode": spec.mode}
     for key in _OPTIONAL_METRICS:
         value = values.get(key, getattr(result, key, None))
         if value is not None:
