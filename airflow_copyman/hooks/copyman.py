@@ -207,6 +207,7 @@ class CopyManHook(PostgresHook):
         raise_on_failure: bool = True,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
+        verify: str = "count",
     ) -> TransferReport:
         """Copy the rows of ``sql`` (a query or a table name) from this hook's connection
         into every destination, in one pass over the source.
@@ -219,7 +220,9 @@ class CopyManHook(PostgresHook):
 
         Every wait is bounded: connecting by the connection's ``connect_timeout`` (default
         :data:`CONNECT_TIMEOUT`), every statement and the copy by ``receiver_timeout``.
-        ``max_bytes_per_second`` caps the copy: at most that many bytes read from the
+        ``verify="checksum"`` compares a checksum of the rows the source sent with one of
+        the rows each destination wrote before it commits (default ``"count"``: the COPYs'
+        row counts). ``max_bytes_per_second`` caps the copy: at most that many bytes read from the
         source in any second (None: no cap); its waits count towards no time-out.
 
         :raises CopyManConfigError: bad input, found before any destination was written.
@@ -234,7 +237,8 @@ class CopyManHook(PostgresHook):
                 endpoints=lambda conn_id: CopyManHook(conn_id).endpoint(),
                 parameters=parameters, format=format, ledger=ledger, on_commit=on_commit,
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
-                min_rows=min_rows, max_bytes_per_second=max_bytes_per_second, log=self.log,
+                min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,
+                verify=verify, log=self.log,
             )
             self._transfer = run
             report = run.run()

@@ -84,13 +84,16 @@ def run(
     receiver_timeout: float = RECEIVER_TIMEOUT,
     min_rows: int = 0,
     max_bytes_per_second: float | None = None,
+    verify: str = "count",
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
 ) -> TransferReport:
     """Copy the rows of ``sql`` (a query or a table name) from ``source`` into every
     destination (each finds its endpoint in ``endpoints`` by its ``conn_id``), in one pass.
 
     ``max_bytes_per_second`` caps the copy: at most that many bytes read from the source
-    in any second (None: no cap).
+    in any second (None: no cap). ``verify="checksum"`` also compares a checksum of the
+    rows the source sent with one of the rows each destination wrote, before it commits
+    (``"count"``, the default: the COPYs' row counts only).
 
     :raises ConfigError: bad input, found before any destination was written.
     :returns: the report (failed destinations are in it, rolled back).
@@ -99,5 +102,5 @@ def run(
         source, sql, destinations, endpoints=endpoints, parameters=parameters, format=format,
         ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
         receiver_timeout=receiver_timeout, min_rows=min_rows,
-        max_bytes_per_second=max_bytes_per_second, log=log,
+        max_bytes_per_second=max_bytes_per_second, verify=verify, log=log,
     ).run()

@@ -63,6 +63,19 @@ def bytes_per_second(name: str, value: Any, *, rendered: bool = False) -> float 
     return float(value)
 
 
+#: What ``verify`` may be: the COPY's row counts, or a checksum of the rows too.
+VERIFY = ("count", "checksum")
+
+
+def verify(value: Any) -> str:
+    """``verify``: ``"count"`` or ``"checksum"``."""
+    if value not in VERIFY:
+        raise ArgumentError(
+            f"verify must be one of {', '.join(map(repr, VERIFY))}, got {value!r}"
+        )
+    return str(value)
+
+
 def parameters(value: Any) -> None:
     """Query parameters: None, a sequence (``%s``) or a mapping (``%(name)s``)."""
     if value is None or isinstance(value, Mapping):

@@ -17,11 +17,12 @@ from airflow_copyman.load._spec import (
     LoadError,
     TooFewRowsError,
 )
-from airflow_copyman.load._state import State, Target
+from airflow_copyman.load._state import Target
+from airflow_copyman.load._verifying import Verifying
 
 
-class Committing(State):
-    """min_rows, the finish, the ledger rows, the commits."""
+class Committing(Verifying):
+    """min_rows, the checksums, the finish, the ledger rows, the commits."""
 
     def _commit(self, loading: list[Target]) -> None:
         """Record each complete destination in its ledger, then COMMIT them all at once:
@@ -41,20 +42,28 @@ class Committing(State):
                 self._fail(target, short, "checking min_rows")
                 self._rollback(target)
             return
+        complete: list[Target] = []
         for target in loading:
-            conn, receiver = target.conn, target.receiver
-            assert conn is not None and receiver is not None and target.table is not None
+            receiver = target.receiver
+            assert receiver is not None
             if self.cancelled:
                 self._fail(target, copyman.Cancelled("the task was killed"), "committing")
                 self._rollback(target)
                 continue
-            rows, nbytes = receiver.server_rows, receiver.bytes
+            rows = receiver.server_rows
             if rows is None or rows != producer.server_rows:
                 # The engine checked this already; checking again costs nothing, and a
                 # destination is committed only on the servers' own word.
                 self._fail(target, _count_error(target, rows, producer.server_rows), "checking")
                 self._rollback(target)
                 continue
+            complete.append(target)
+        # verify="checksum": before the merge applies, the postoperator runs, the ledger row.
+        for target in self._verify(complete):
+            conn, receiver = target.conn, target.receiver
+            assert conn is not None and receiver is not None and target.table is not None
+            rows, nbytes = receiver.server_rows, receiver.bytes
+            assert rows is not None
             if not self._finish(target, rows):
                 continue
             try:

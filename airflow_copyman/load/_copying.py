@@ -14,6 +14,7 @@ from airflow_copyman.load import (
     _classify,
     _create,
     _estimate,
+    _verifying,
 )
 from airflow_copyman.load._spec import ConfigError
 from airflow_copyman.load._state import State, Target, size
@@ -33,11 +34,17 @@ class Copying(State):
         try:
             if target.create:
                 conn.execute(_create.statement(target.table, target.planned, mode.key or None))
+            if self.verify == "checksum":
+                doing = "describing the columns for the checksum"
+                _verifying.take_renderings(target)
             doing = f"starting mode={mode.name!r}"
             mode.begin(conn)
             doing = "running the preoperator"
             for statement in target.spec.statements:
                 conn.execute(statement)  # type: ignore[call-overload]
+            if self.verify == "checksum" and target.spec.statements:
+                doing = "taking the checksum of the rows before the COPY"
+                _verifying.take_baseline(target)
         except psycopg.Error as exc:
             self._fail(target, exc, doing)
             self._rollback(target)

@@ -132,8 +132,10 @@ class Merge(Mode):
         ).rowcount
         self.updated, self.inserted = updated, inserted
 
-    def written(self) -> tuple[sql.Composable, sql.Composable]:
-        return STAGE, sql.SQL("true")
+    def written(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[sql.Composable, sql.Composable | None]:
+        return STAGE, None
 
     def _cols(self) -> sql.Composable:
         assert self.columns is not None

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import psycopg
 from psycopg import sql
 
-from airflow_copyman.load import _plan
+from airflow_copyman.load import _checksum, _plan
 
 
 class Mode:
@@ -54,7 +54,10 @@ class Mode:
     def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
         """Statements after the COPY (``rows`` arrived), in the load transaction."""
 
-    def written(self) -> tuple[sql.Composable, sql.Composable]:
-        """The relation and the condition that select the rows this transaction wrote
-        (for a checksum of what landed): here the rows it inserted."""
-        return self.table.identifier, sql.SQL("xmin = pg_current_xact_id()::xid")
+    def written(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[sql.Composable, sql.Composable | None]:
+        """The relation and the condition (None: all its rows) that select the rows this
+        transaction wrote, for the checksum of what landed: here the rows it inserted (the
+        COPY runs in the top-level transaction, so they carry its xid)."""
+        return self.table.identifier, _checksum.this_transaction(conn)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import psycopg
 
 from airflow_copyman.load import (
+    _checksum,
     _classify,
     _create,
     _estimate,
@@ -37,6 +38,8 @@ class Planning(State):
                     psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
                 )
             _readonly.refuse_writes(src, select)
+            if self.verify == "checksum":
+                _checksum.require_comparable(src, f"source {self.origin.name}")
             source_tables = _identity.source(src, f"source {self.origin.name}")
             self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
         except _plan.PlanError as exc:
@@ -51,6 +54,7 @@ class Planning(State):
             self._source_failed(exc, "describing the source")
             return
         self.source_columns = source_columns
+        self.select = select
         errors = self._same_tables(source_tables)
         binary_ok = True
         difference = None
@@ -66,6 +70,8 @@ class Planning(State):
                     errors.append(f"{where}: {problem}")
                     continue
                 columns = target.planned
+                if self.verify == "checksum":
+                    _checksum.require_comparable(target.conn, where)
                 target.conn.rollback()
             except _plan.PlanError as exc:
                 errors.append(f"{where}: {exc}")

@@ -42,8 +42,10 @@ class ReplaceByTruncate(Mode):
     def copy_in(self, fmt: _plan.Format) -> sql.Composed:
         return _plan.copy_in(self.table, self.columns, fmt, freeze=self.freeze or self.created)
 
-    def written(self) -> tuple[sql.Composable, sql.Composable]:
-        return self.table.identifier, sql.SQL("true")
+    def written(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[sql.Composable, sql.Composable | None]:
+        return self.table.identifier, None
 
 
 class ReplaceByDelete(Mode):
@@ -54,5 +56,7 @@ class ReplaceByDelete(Mode):
         if not self.created:
             conn.execute(sql.SQL("DELETE FROM {}").format(self.table.identifier))
 
-    def written(self) -> tuple[sql.Composable, sql.Composable]:
-        return self.table.identifier, sql.SQL("true")
+    def written(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[sql.Composable, sql.Composable | None]:
+        return self.table.identifier, None

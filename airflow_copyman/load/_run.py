@@ -62,6 +62,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
+        verify: str = "count",
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
         self.origin = source
@@ -78,6 +79,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             self.max_bytes_per_second = _arguments.bytes_per_second(
                 "max_bytes_per_second", max_bytes_per_second
             )
+            self.verify = _arguments.verify(verify)
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise _arguments.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
@@ -102,6 +104,8 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.src: psycopg.Connection[Any] | None = None
         self.format: _plan.Format | None = None
         self.source_columns: list[_plan.Column] = []
+        #: The source's SELECT (parameters bound), for the checksum of what it sent.
+        self.select: psycopg.sql.Composable | None = None
         self.producer: copyman.StatementProducer | None = None
         self.manager: copyman.CopyManager | None = None
         self.cancelled = False

@@ -275,6 +275,8 @@ class DestinationResult:
     updated: int | None = None
     #: The table as its server names it (for asset URIs), once connected.
     relation: Relation | None = None
+    #: verify="checksum": the checksum of the rows loaded, ``rows:hash sum``.
+    checksum: str | None = None
 
     @property
     def label(self) -> str:
@@ -292,6 +294,8 @@ class DestinationResult:
         }
         if self.mode == "merge":
             entry["inserted"], entry["updated"] = self.inserted, self.updated
+        if self.checksum is not None:
+            entry["checksum"] = self.checksum
         return entry
 
 

@@ -17,6 +17,7 @@ from airflow_copyman.load import (
     _estimate,
     _plan,
 )
+from airflow_copyman.load._checksum import Checksum, ColumnRendering
 from airflow_copyman.load._endpoint import Endpoint
 from airflow_copyman.load._ledger import Entry, Ledger
 from airflow_copyman.load._mode import Mode
@@ -48,6 +49,10 @@ class Target:
         self.planned: list[Column] = []
         #: The schema of its ledger table (once known).
         self.ledger_schema: str | None = None
+        #: verify="checksum": how its columns are rendered, and what its scope held
+        #: before the COPY (rows a preoperator wrote).
+        self.renderings: list[ColumnRendering] | None = None
+        self.baseline: Checksum | None = None
 
     @property
     def pending(self) -> bool:
@@ -68,6 +73,8 @@ class State:
     endpoint_of: Callable[[str], Endpoint]
     min_rows: int
     max_bytes_per_second: float | None
+    verify: str
+    select: psycopg.sql.Composable | None
     requested_format: _plan.Format | None
     specs: list[Destination]
     parameters: _plan.Params | None

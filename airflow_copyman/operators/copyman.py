@@ -100,6 +100,11 @@ class CopyManOperator(BaseOperator):
     :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
         from the source in any second (None, the default: no cap). Its waits count
         towards no time-out. (templated)
+    :param verify: ``"count"`` (default: the COPYs' row counts) or ``"checksum"``: also
+        compare an order-independent checksum of the rows the source sent with the rows
+        each destination wrote (append: the rows this load inserted; replace: the table;
+        merge: the staging table) before it commits; a mismatch fails that destination
+        (permanently, rolled back), the others commit. XCom and asset events carry it.
     """
 
     template_fields: Sequence[str] = (
@@ -128,6 +133,7 @@ class CopyManOperator(BaseOperator):
         receiver_timeout: float = 300.0,
         min_rows: int = 0,
         max_bytes_per_second: float | str | None = None,
+        verify: str = "count",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -143,6 +149,7 @@ class CopyManOperator(BaseOperator):
         self.receiver_timeout = receiver_timeout
         self.min_rows = min_rows
         self.max_bytes_per_second = max_bytes_per_second
+        self.verify = verify
         self._hook: CopyManHook | None = None
         self._killed = False
         self._report: TransferReport | None = None
@@ -161,6 +168,7 @@ class CopyManOperator(BaseOperator):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
             _arguments.count("min_rows", min_rows)
+            _arguments.verify(verify)
             if not isinstance(ledger, bool):
                 raise _arguments.ArgumentError(
                     f"ledger must be true or false, got {type(ledger).__name__}"
@@ -259,6 +267,7 @@ class CopyManOperator(BaseOperator):
                     receiver_timeout=self.receiver_timeout,
                     min_rows=self.min_rows,
                     max_bytes_per_second=cap,
+                    verify=self.verify,
                     raise_on_failure=False,
                 )
             else:
