@@ -303,3 +303,36 @@ with DAG(
         destinations=[{"conn_id": "pg_d1", "table": "orders_untouched"}],
         max_bytes_per_second="{{ params.bad_cap }}",
     )
+
+
+# verify="checksum" (issue 10): one destination per mode (the append one with a preoperator
+# that writes a row of its own), and a destination whose trigger alters one value (it fails
+# for good, rolled back; the other destination of that task commits).
+with DAG(
+    "copyman_test_verify", schedule=None, start_date=START, default_args=DEFAULTS
+) as verify_dag:
+    CopyManOperator(
+        task_id="verified",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[
+            {
+                "conn_id": "pg_d1",
+                "table": "orders",
+                "preoperator": "INSERT INTO orders (id, day) VALUES (-1, '2024-01-01')",
+            },
+            {"conn_id": "pg_d1", "table": "orders_replaced", "mode": "replace"},
+            {"conn_id": "pg_d2", "table": "orders", "mode": "merge", "key": ["id"]},
+        ],
+        verify="checksum",
+    )
+    CopyManOperator(
+        task_id="altered",
+        source_conn_id="pg_src",
+        sql="orders",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "orders_altered"},
+            {"conn_id": "pg_d2", "table": "orders_plain"},
+        ],
+        verify="checksum",
+    )
