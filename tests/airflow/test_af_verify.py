@@ -36,6 +36,8 @@ def test_checksums_verified_in_every_mode_and_a_mismatch_fails_only_its_table(
                       (d2, "orders"), (d2, "orders_plain")):
         create_orders_table(db, table)
     d1.execute("INSERT INTO orders (id, day) VALUES (-2, '2020-01-01')")  # stays (append)
+    # An append without a preoperator: its checksum covers only the rows it inserted.
+    d2.execute("INSERT INTO orders_plain (id, day) VALUES (-3, '2020-01-01')")
     d1.execute("INSERT INTO orders_replaced (id, day) VALUES (5000, '2020-01-01')")  # goes
     # A tenth of the keys exist (updated), the rest are inserted.
     d2.execute("INSERT INTO orders (id, day) SELECT g, '2020-01-01' FROM generate_series(1, 100) g")
@@ -69,7 +71,8 @@ def test_checksums_verified_in_every_mode_and_a_mismatch_fails_only_its_table(
     # the other destination of the task commits.
     assert run.tis["altered"] == ("failed", 1), run.tis
     assert d1.execute("SELECT count(*) FROM orders_altered") == [(0,)]
-    assert rows_of(d2, "orders_plain") == rows_of(src, "orders")
+    assert rows_of(d2, "orders_plain", where="WHERE id > 0") == rows_of(src, "orders")
+    assert d2.execute("SELECT count(*) FROM orders_plain WHERE id < 0") == [(1,)]
     (failure,) = events.of("altered")
     assert failure["exception"] == "CopyManPermanentFailure", failure
     message = failure["message"]
