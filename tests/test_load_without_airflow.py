@@ -1,6 +1,6 @@
 """The load layer is Airflow-free (issue 10, "Shape"): a fresh interpreter in which Airflow
 cannot be imported runs a real load through ``airflow_copyman.load`` with plain psycopg
-connections, ledger included."""
+connections, ledger and ``verify="checksum"`` included."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
         src, "SELECT id, v FROM items",
         [load.Destination("wh", "items", mode="merge", key=("id",)),
          {"conn_id": "wh", "table": "items_copy", "create": "if_missing"}],
-        endpoints={"wh": dst}, ledger=ledger, min_rows=1,
+        endpoints={"wh": dst}, ledger=ledger, min_rows=1, verify="checksum",
     )
     print(json.dumps({
         "report": report.as_dict(),
@@ -57,6 +57,8 @@ def test_a_load_runs_with_airflow_unimportable(server: LocalServer | ContainerSe
     merged, copied = out["report"]["destinations"]
     assert (merged["status"], merged["inserted"], merged["updated"]) == ("loaded", 99, 1)
     assert (copied["status"], copied["rows"]) == ("loaded", 100)
+    # Verified, the created table too (its columns described once it exists).
+    assert merged["checksum"] == copied["checksum"] and merged["checksum"].startswith("100:")
     with psycopg.connect(dst_info) as conn:
         assert conn.execute("SELECT count(*), min(v) FROM items").fetchone() == (100, "v1")
         assert conn.execute("SELECT count(*) FROM items_copy").fetchone() == (100,)
