@@ -71,9 +71,20 @@ def open_connection(conn_args: Mapping[str, Any]) -> psycopg.Connection[Any]:
 def prepare(conn: psycopg.Connection[Any]) -> None:
     """Tuple rows, the session settings checked, left outside autocommit."""
     conn.row_factory = tuple_row  # type: ignore[assignment]
-    conn.autocommit = True  # the check is one query, without BEGIN and ROLLBACK
-    _session.check(conn)
-    conn.autocommit = False
+    # The check runs before a load gives the connection its bounds: bound it on its own,
+    # or a server that answered the handshake and then fell silent would hold it forever.
+    bounded = conn if isinstance(conn, _bounded.BoundedConnection) else None
+    unbounded = bounded is not None and bounded.bounds is None
+    if bounded is not None and unbounded:
+        bounded.bounds = _bounded.Bounds(timeout=float(_bounded.CONNECT_TIMEOUT))
+    try:
+        conn.autocommit = True  # the check is one query, without BEGIN and ROLLBACK
+        _session.check(conn)
+        conn.autocommit = False
+    finally:
+        if bounded is not None and unbounded:
+            # A connection the hook hands out for other work keeps psycopg's own waits.
+            bounded.bounds = None
 
 
 def postgres(name: str, conninfo: str = "", **kwargs: Any) -> Endpoint:

@@ -14,7 +14,7 @@ from af_support import Database, PgServers, create_orders, create_orders_table, 
 from airflow_copyman import copyman
 from airflow_copyman._outcome import CopyManDestinationsFailed, CopyManPermanentFailure
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
-from airflow_copyman.load import _bounded
+from airflow_copyman.load import _bounded, _endpoint, _session
 from airflow_copyman.load._ledger import Ledger, TaskKey
 from airflow_copyman.testing.proxy import TcpProxy
 
@@ -50,6 +50,42 @@ def _key(try_number: int, lineage: str = "L") -> TaskKey:
 
 
 # Bounded statements: a stalled link, a lock wait, a stop.
+
+
+def test_the_session_check_after_connecting_is_bounded(
+    pg: PgServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings check runs before a load binds the connection: a server that answered
+    the handshake and then fell silent must not hold it forever, and the bound it gets for
+    that one check is not left on a connection the hook hands out."""
+    db = pg.database(pg.dst1, "checkbound")
+    a = db.address
+    monkeypatch.setattr(_bounded, "CONNECT_TIMEOUT", 1)
+    with TcpProxy(a.host, a.port) as proxy:
+        args = {"host": proxy.host, "port": proxy.port, "user": a.user,
+                "password": a.password, "dbname": db.name}
+        conn = _bounded.BoundedConnection.connect(**_session.connect_args(args))
+        _endpoint.prepare(conn)
+        assert conn.bounds is None  # the check's bound is gone again
+        conn.close()
+        conn = _bounded.BoundedConnection.connect(**_session.connect_args(args))
+        proxy.set("to_client", "stall")
+        outcome: list[BaseException] = []
+
+        def check() -> None:
+            try:
+                _endpoint.prepare(conn)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        # In a thread, so that a regression fails this test instead of hanging the suite.
+        checker = threading.Thread(target=check, daemon=True)
+        checker.start()
+        checker.join(1 + 2 * _bounded.CANCEL_WAIT + 3)
+        assert not checker.is_alive(), "the session check waited on a silent server"
+        assert outcome and isinstance(outcome[0], _bounded.StatementTimeout), outcome
+        assert "no answer" in str(outcome[0])
+        conn.close()
 
 
 def test_statements_end_on_a_stalled_link_a_lock_and_a_stop(pg: PgServers) -> None:
