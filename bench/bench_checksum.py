@@ -2,20 +2,22 @@
 """Benchmark: what ``verify="checksum"`` costs against a plain COPY load.
 
 Two throwaway servers (source, destination), the mixed table of ``bench_copy.py`` on the
-source. Each case copies it through the engine into the destination in one transaction and
-commits, in the binary and text formats:
+source. Each case loads it into the destination through ``airflow_copyman.load.run`` (what
+the operator runs: plan, one COPY, commit), in the binary and text formats:
 
-* ``count``     the COPY load alone (what ``verify="count"`` does);
-* ``checksum``  the same, plus the source's checksum in the COPY's REPEATABLE READ
-                transaction and the destination's over the rows the transaction wrote
-                (``xmin``), both started at once after the COPY and waited for together,
-                then compared;
-* ``checksum-during-copy``  the source's checksum on a second source connection that
-                imports the COPY's snapshot, started before the COPY (it runs during it),
-                then the destination's after it.
+* ``count``     ``verify="count"``: the COPY load alone;
+* ``checksum``  ``verify="checksum"``: the engine digests the rows as it forwards them, the
+                destination's rows are read back as the same COPY in the load
+                transaction and digested (``load/_readback.py``), then compared; the
+                source is read once;
+* ``checksum-by-text``  the same load with the other method forced (the one used where a
+                column's type differs between the sides): both servers render every
+                row as ``ROW(...)::text`` and hash it, the source running its query a
+                second time.
 
-Cases run round-robin, the median of ``--repeat`` runs is reported. Then each side's checksum
-query is taken apart (rendering only, ``hashtextextended``, ``md5``) to show where the time goes.
+Cases run round-robin, the median of ``--repeat`` runs is reported. Then the parts are timed
+alone on the source table (the server-side query, serial and with parallel workers; the
+read-back with its client CPU) to show where the time goes.
 
     .venv/bin/python bench/bench_checksum.py --rows 1000000
 """
@@ -23,7 +25,9 @@ query is taken apart (rendering only, ``hashtextextended``, ``md5``) to show whe
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
 import statistics
 import sys
 import time
@@ -40,14 +44,14 @@ import psycopg  # noqa: E402
 from bench_copy import COLUMNS, LOAD_SQL  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from airflow_copyman import copyman  # noqa: E402
-from airflow_copyman.load import _checksum as ck  # noqa: E402
-from airflow_copyman.load import _session  # noqa: E402
+from airflow_copyman import load  # noqa: E402
+from airflow_copyman.load import _readback, _session, _verifying  # noqa: E402
+from airflow_copyman.load._bounded import Bounds  # noqa: E402
 from airflow_copyman.testing.servers import create_database, throwaway_servers  # noqa: E402
 
 DB = "bench"
 NAMES = ["id", "ts", "txt", "num", "arr", "doc", "uid"]
-MODES = ("count", "checksum", "checksum-during-copy")
+MODES = ("count", "checksum", "checksum-by-text")
 
 
 def connect(server: Any, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -55,40 +59,35 @@ def connect(server: Any, **kwargs: Any) -> psycopg.Connection[Any]:
 
 
 def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str, float]:
-    with (
-        connect(src_server) as src,
-        connect(dst_server) as dst,
-        connect(src_server) as src2,
-    ):
-        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        src.read_only = True
-        select = sql.SQL("SELECT * FROM src")
+    source = load.postgres("src", src_server.address.conninfo(DB))
+    destination = load.postgres("dst", dst_server.address.conninfo(DB))
+    quiet = logging.getLogger("bench.quiet")
+    quiet.setLevel(logging.WARNING)
+    streams = _verifying.streams
+    if mode == "checksum-by-text":
+        _verifying.streams = lambda state, target: False  # type: ignore[assignment]
+    try:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
-        renderings = None
-        if mode != "count":  # planning: done before any data moves
-            renderings = ck.destination_renderings(dst, sql.Identifier("dst"), NAMES)
-        early = None
-        if mode == "checksum-during-copy":
-            # The source's checksum on a second connection in the COPY's snapshot, while
-            # the COPY runs.
-            ck.import_snapshot(src2, ck.export_snapshot(src))
-            assert renderings is not None
-            early = ck.start_source_checksums(src2, select, [renderings])
-        copyman.transfer(
-            (src, f"COPY (SELECT * FROM src) TO STDOUT (FORMAT {fmt})"),
-            (dst, f"COPY dst FROM STDIN (FORMAT {fmt})"),
+        report = load.run(
+            source,
+            "src",
+            [{"conn_id": "dst", "table": "dst"}],
+            endpoints={"dst": destination},
+            format=fmt,
+            verify="count" if mode == "count" else "checksum",
+            log=quiet,
         )
         t1 = time.perf_counter()
-        if renderings is not None:
-            pending_src = early or ck.start_source_checksums(src, select, [renderings])
-            pending_dst = ck.start_destination_checksum(
-                dst, sql.Identifier("dst"), NAMES, ck.this_transaction(dst)
-            )
-            ck.verify("dst", pending_src.wait()[0], pending_dst.wait())
-        t2 = time.perf_counter()
-        dst.commit()
-        t3 = time.perf_counter()
-    return {"total": t3 - t0, "copy": t1 - t0, "checksum": t2 - t1}
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        _verifying.streams = streams  # type: ignore[assignment]
+    (result,) = report.destinations
+    assert result.status == "loaded", result
+    if mode != "count":
+        assert result.checksum is not None, result
+    return {"total": t1 - t0, "client cpu": cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime
+            - cpu0.ru_stime}
 
 
 def reset(dst_server: Any) -> None:
@@ -97,20 +96,18 @@ def reset(dst_server: Any) -> None:
         conn.execute("CHECKPOINT")
 
 
-def parts(server: Any, table: str) -> dict[str, float]:
-    """One side's checksum query taken apart (serial and with parallel workers)."""
+def parts(server: Any, table: str) -> dict[str, str]:
+    """One side's checksum taken apart: the server-side query (serial and with parallel
+    workers), the read-back as COPY digested by the client (wall and client CPU)."""
     row = "ROW(id, ts, txt, num, arr, doc, uid)::text"
     queries = {
         "scan only (count)": f"SELECT count(*) FROM {table}",
         "render rows (sum of lengths)": f"SELECT count(*), sum(length({row})) FROM {table}",
-        "render + hashtextextended": (
+        "render + hashtextextended (by-text method)": (
             f"SELECT count(*), sum(hashtextextended({row}, 0)) FROM {table}"
         ),
-        "render + md5 (64 bits)": (
-            f"SELECT count(*), sum(('x' || left(md5({row}), 16))::bit(64)::bigint) FROM {table}"
-        ),
     }
-    out: dict[str, float] = {}
+    out: dict[str, str] = {}
     with connect(server, autocommit=True) as conn:
         for workers in (0, 2):
             conn.execute(f"SET max_parallel_workers_per_gather = {workers}")  # type: ignore[arg-type]
@@ -120,7 +117,28 @@ def parts(server: Any, table: str) -> dict[str, float]:
                     t0 = time.perf_counter()
                     conn.execute(query)  # type: ignore[arg-type]
                     times.append(time.perf_counter() - t0)
-                out[f"{name}, {workers} parallel workers"] = min(times)
+                out[f"{name}, {workers} parallel workers"] = f"{min(times):.2f}"
+        conn.execute("RESET max_parallel_workers_per_gather")
+        bounds = Bounds(600.0)
+        for fmt in ("binary", "text"):
+            settings = None if fmt == "binary" else _readback.render_settings(conn)
+            best = (float("inf"), 0.0)
+            for _ in range(2):
+                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                t0 = time.perf_counter()
+                with conn.transaction():  # the settings' savepoint needs one
+                    (got,) = _readback.digests(
+                        [(conn, _readback.query(sql.Identifier(table), NAMES, None, fmt))],
+                        settings,
+                        bounds,
+                    )
+                wall = time.perf_counter() - t0
+                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+                assert not isinstance(got, BaseException), got
+                best = min(best, (wall, cpu1.ru_utime - cpu0.ru_utime))
+            out[f"read-back as COPY {fmt}, digested (checksum method)"] = (
+                f"{best[0]:.2f} (client CPU {best[1]:.2f})"
+            )
     return out
 
 
@@ -152,24 +170,26 @@ def main(argv: list[str]) -> int:
                     print(f"{fmt} {mode}: {run}", flush=True)
         print(f"\n{args.rows:,} rows, median of {args.repeat}; load average now "
               f"{os.getloadavg()}\n")
-        print("| format | verify | total s | COPY s | checksums s | x count |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| format | verify | total s | client CPU s | x count | x count, each run |")
+        print("|---|---|---:|---:|---:|---|")
         for fmt in formats:
-            base = statistics.median(r["total"] for r in results[(fmt, "count")])
+            bases = [r["total"] for r in results[(fmt, "count")]]
+            base = statistics.median(bases)
             for mode in MODES:
                 runs = results[(fmt, mode)]
                 total = statistics.median(r["total"] for r in runs)
+                # Each run against the count run of the same round: the pairs share the load.
+                each = ", ".join(f"{r['total'] / b:.2f}" for r, b in zip(runs, bases, strict=True))
                 print(
                     f"| {fmt} | {mode} | {total:.2f} | "
-                    f"{statistics.median(r['copy'] for r in runs):.2f} | "
-                    f"{statistics.median(r['checksum'] for r in runs):.2f} | "
-                    f"{total / base:.2f} |"
+                    f"{statistics.median(r['client cpu'] for r in runs):.2f} | "
+                    f"{total / base:.2f} | {each} |"
                 )
-        print("\nOne side's checksum query taken apart (source table, best of 2):\n")
-        print("| query | s |")
+        print("\nOne side's checksum taken apart (source table, best of 2):\n")
+        print("| part | s |")
         print("|---|---:|")
         for name, seconds in parts(src_server, "src").items():
-            print(f"| {name} | {seconds:.2f} |")
+            print(f"| {name} | {seconds} |")
     return 0
 
 

@@ -8,6 +8,7 @@ is verified against the source's row count, and a failed copy aborts every COPY 
 This package imports no Airflow module.
 """
 
+from ._digest import Digest, StreamDigest
 from ._errors import (
     Cancelled,
     CopyFail,
@@ -40,6 +41,7 @@ __all__ = [
     "CopyFail",
     "CopyManager",
     "CopyUsageError",
+    "Digest",
     "Fault",
     "IteratorProducer",
     "NullProducer",
@@ -53,6 +55,7 @@ __all__ = [
     "RowCountMismatch",
     "StatementProducer",
     "StatementReceiver",
+    "StreamDigest",
     "Wait",
     "transfer",
 ]

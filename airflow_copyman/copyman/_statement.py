@@ -24,6 +24,7 @@ from psycopg import errors as e
 from psycopg import pq, sql
 from psycopg.abc import Buffer, Params, Query
 
+from ._digest import Digest, StreamDigest, row_hash
 from ._errors import CopyUsageError, RowCountMismatch
 from ._fittings import Producer, Receiver, Wait
 from ._records import Batch
@@ -351,14 +352,28 @@ class StatementProducer(_StatementFitting, Producer):
     _expected = _COPY_OUT
 
     def __init__(
-        self, connection: psycopg.Connection[Any], sql: Query, params: Params | None = None
+        self,
+        connection: psycopg.Connection[Any],
+        sql: Query,
+        params: Params | None = None,
+        *,
+        digest: bool = False,
     ) -> None:
+        """``digest``: hash every row as it is read (:meth:`digest`), so that what the
+        source sent can be compared with what a destination holds without reading the
+        source again."""
         Producer.__init__(self)
         _StatementFitting.__init__(self, connection, sql, params)
+        self._digest = StreamDigest() if digest else None
         self._pending_error: BaseException | None = None
         self._results: list[pq.abc.PGresult] = []
         #: The record that would have taken the last batch over its size: the next one's first.
         self._carry: Buffer | None = None
+
+    def digest(self) -> Digest | None:
+        """The digest of the rows read so far (all of them once :attr:`done`), or None
+        when the producer was made without ``digest=True``."""
+        return None if self._digest is None else self._digest.digest()
 
     def start(self) -> None:
         _run(self.starting())
@@ -384,6 +399,9 @@ class StatementProducer(_StatementFitting, Producer):
         count = 0
         first: Buffer = b""
         last: Buffer = b""
+        digest = self._digest
+        hashing = digest is not None
+        hashed = 0  # the sum of this call's row hashes (verify="checksum")
         if (carry := self._carry) is not None:
             self._carry = None
             buffer += carry
@@ -406,6 +424,8 @@ class StatementProducer(_StatementFitting, Producer):
                         break
                 if nbytes > 0:
                     buffer += data
+                    if hashing:
+                        hashed += row_hash(data)
                     if not count:
                         first = data
                     last = data
@@ -425,6 +445,13 @@ class StatementProducer(_StatementFitting, Producer):
             # Hand over what arrived before the failure; fail on the next read, so that
             # no record that reached us is lost.
             self._pending_error = error
+        if digest is not None:
+            read = count - (carry is not None)
+            if read:
+                # With no row read before, there is no carry: ``first`` is the stream's first.
+                digest.started(first)
+                digest.total += hashed
+                digest.messages += read
         if not count:
             return None
         if len(buffer) > max_bytes and count > 1 and self._pending_error is None:

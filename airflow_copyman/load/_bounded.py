@@ -108,7 +108,7 @@ def _wait(conn: BoundedConnection, gen: Generator[Any, Any, RV], bounds: Bounds)
                     elif now >= deadline:
                         expired = f"no answer from the server within {bounds.timeout:g} s"
                     if expired is not None:
-                        _send_cancel(conn)
+                        send_cancel(conn)
                         if conn.closed:
                             raise _ended(expired, bounds)
                         deadline = now + CANCEL_WAIT
@@ -136,7 +136,7 @@ def _wait(conn: BoundedConnection, gen: Generator[Any, Any, RV], bounds: Bounds)
         raise _ended(expired, bounds) from exc
 
 
-def _send_cancel(conn: BoundedConnection) -> None:
+def send_cancel(conn: psycopg.Connection[Any]) -> None:
     """Ask the server to cancel what ``conn`` runs; returns once libpq passed it on."""
     if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
         return
@@ -279,4 +279,5 @@ __all__ = [
     "commit_all",
     "connect_all",
     "connect_args",
+    "send_cancel",
 ]

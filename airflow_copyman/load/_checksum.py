@@ -111,24 +111,35 @@ class ChecksumMismatch(ChecksumError):
         )
 
 
+#: The method of this module's checksums: each row's ``ROW(...)::text`` hashed by the server.
+ROW_TEXT = "row-text"
+
+
 @dataclass(frozen=True)
 class Checksum:
-    """The number of rows and the sum of their 64-bit hashes."""
+    """The number of rows and the sum of their 64-bit hashes, and how they were hashed:
+    :data:`ROW_TEXT` (this module), or ``copy-binary`` / ``copy-text`` / ``copy-csv`` (the
+    rows' COPY stream, :mod:`._readback`; the sum is modulo 2**64). Only checksums of the
+    same method compare."""
 
     rows: int
     total: int
+    method: str = ROW_TEXT
 
     def __str__(self) -> str:
-        return f"{self.rows} rows, hash sum {self.total}"
+        return f"{self.rows} rows, {self.method} hash sum {self.total}"
 
     @property
     def text(self) -> str:
-        """A compact form for XCom and asset extras: ``rows:sum``."""
-        return f"{self.rows}:{self.total}"
+        """A compact form for XCom and asset extras: ``rows:method:sum``."""
+        return f"{self.rows}:{self.method}:{self.total}"
 
     def __sub__(self, other: Checksum) -> Checksum:
         """The rows of ``self`` not in ``other`` (a baseline taken before the COPY)."""
-        return Checksum(self.rows - other.rows, self.total - other.total)
+        total = self.total - other.total
+        if self.method != ROW_TEXT:
+            total &= (1 << 64) - 1
+        return Checksum(self.rows - other.rows, total, self.method)
 
 
 def verify(table: str, source: Checksum, destination: Checksum) -> None:
@@ -145,12 +156,17 @@ class ColumnRendering:
     name: str
     type_sql: str
     builtin: bool
+    #: The type as the plan spells the source's (``format_type`` with NULL for no
+    #: modifier: ``bpchar``, not ``character``), to tell whether both sides' types match.
+    plan_type: str = ""
 
 
 _DESTINATION_COLUMNS = """
 SELECT a.attname::text,
        format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
-       bt.oid < %(first_normal)s
+       bt.oid < %(first_normal)s,
+       format_type(bt.oid, NULLIF(CASE WHEN t.typtype = 'd' THEN t.typtypmod
+                                       ELSE a.atttypmod END, -1))
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -169,7 +185,7 @@ def destination_renderings(
         _DESTINATION_COLUMNS,  # type: ignore[arg-type]
         {"relation": relation.as_string(conn), "first_normal": FIRST_NORMAL_OID},
     ).fetchall()
-    found = {name: ColumnRendering(name, type_sql, builtin) for name, type_sql, builtin in rows}
+    found = {row[0]: ColumnRendering(*row) for row in rows}
     missing = [c for c in columns if c not in found]
     if missing:
         raise ChecksumError(f"{relation.as_string(conn)} has no column {missing[0]!r}")

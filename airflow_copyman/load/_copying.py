@@ -44,7 +44,7 @@ class Copying(State):
                 conn.execute(statement)  # type: ignore[call-overload]
             if self.verify == "checksum" and target.spec.statements:
                 doing = "taking the checksum of the rows before the COPY"
-                _verifying.take_baseline(target)
+                _verifying.take_baseline(self, target)
         except psycopg.Error as exc:
             self._fail(target, exc, doing)
             self._rollback(target)
@@ -56,7 +56,11 @@ class Copying(State):
         assert self.src is not None and self.format is not None
         try:
             producer = copyman.StatementProducer(
-                self.src, self.source.copy_out(self.format, self.source_columns), self.parameters
+                self.src,
+                self.source.copy_out(self.format, self.source_columns),
+                self.parameters,
+                # verify="checksum": the rows are digested as they pass (_verifying).
+                digest=self.verify == "checksum",
             )
             receivers: dict[copyman.Receiver, Target] = {}
             for target in loading:

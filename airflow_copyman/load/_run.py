@@ -107,6 +107,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         #: The source's SELECT (parameters bound), for the checksum of what it sent.
         self.select: psycopg.sql.Composable | None = None
         self.producer: copyman.StatementProducer | None = None
+        self.rendering: dict[str, str] | None = None
         self.manager: copyman.CopyManager | None = None
         self.cancelled = False
         self.interrupt: BaseException | None = None

@@ -97,6 +97,8 @@ class State:
     secrets: list[str]
     endpoints: dict[str, tuple[str, str]]
     source: _plan.Source
+    #: verify="checksum": the source session's settings a text read-back renders with.
+    rendering: dict[str, str] | None
 
     def _go_on(self) -> bool:
         return not self.cancelled and any(t.pending for t in self.targets)

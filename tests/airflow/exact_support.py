@@ -163,3 +163,19 @@ def differences(a: dict[str, bytes], b: dict[str, bytes]) -> list[str]:
         else:
             found.append(f"{kind}: bytes differ")
     return found
+
+
+# The subtle changes a lossy copy makes (beside a value of every column changed): each must
+# be seen by a comparison (``{t}`` is the table).
+SUBTLE = {
+    "f8 -0 to 0": "UPDATE {t} SET f8 = 0 WHERE id = 1",
+    "f8 0.30000000000000004 to 0.3": "UPDATE {t} SET f8 = 0.3 WHERE id = 2",
+    "f4 1.1 one ulp off": "UPDATE {t} SET f4 = 1.1000001 WHERE id = 1",
+    "tstz by a microsecond": "UPDATE {t} SET tstz = tstz + interval '1 microsecond' WHERE id = 2",
+    "interval sign of a field": "UPDATE {t} SET iv = '-1 day +02:03:04' WHERE id = 1",
+    "date one day": "UPDATE {t} SET d = d + 1 WHERE id = 2",
+    "array lower bound": "UPDATE {t} SET a_i = '{1,2,3}' WHERE id = 1",
+    "numeric scale": "UPDATE {t} SET n_scaled = n_scaled + 0.0000000001 WHERE id = 1",
+    "json whitespace": "UPDATE {t} SET js = '{\"b\": 1, \"a\": [1, 2.50]}' WHERE id = 1",
+    "text NULL to empty": "UPDATE {t} SET t = '' WHERE id = 3",
+}

@@ -12,7 +12,15 @@ from typing import Any
 import psycopg
 import pytest
 from af_support import Database, PgServers
-from exact_support import checker, create_types, differences, dumps, type_columns, type_names
+from exact_support import (
+    SUBTLE,
+    checker,
+    create_types,
+    differences,
+    dumps,
+    type_columns,
+    type_names,
+)
 
 from airflow_copyman.hooks.copyman import (
     CopyManConfigError,
@@ -311,19 +319,6 @@ def test_every_type_family_arrives_byte_for_byte(
         assert differences(dumps(a, "types", columns), dumps(b, table, columns)) == []
 
 
-# A value of every column changed, and the subtle changes a lossy copy makes: each is seen.
-SUBTLE = {
-    "f8 -0 to 0": "UPDATE {t} SET f8 = 0 WHERE id = 1",
-    "f8 0.30000000000000004 to 0.3": "UPDATE {t} SET f8 = 0.3 WHERE id = 2",
-    "f4 1.1 one ulp off": "UPDATE {t} SET f4 = 1.1000001 WHERE id = 1",
-    "tstz by a microsecond": "UPDATE {t} SET tstz = tstz + interval '1 microsecond' WHERE id = 2",
-    "interval sign of a field": "UPDATE {t} SET iv = '-1 day +02:03:04' WHERE id = 1",
-    "date one day": "UPDATE {t} SET d = d + 1 WHERE id = 2",
-    "array lower bound": "UPDATE {t} SET a_i = '{1,2,3}' WHERE id = 1",
-    "numeric scale": "UPDATE {t} SET n_scaled = n_scaled + 0.0000000001 WHERE id = 1",
-    "json whitespace": "UPDATE {t} SET js = '{\"b\": 1, \"a\": [1, 2.50]}' WHERE id = 1",
-    "text NULL to empty": "UPDATE {t} SET t = '' WHERE id = 3",
-}
 
 
 def test_the_comparison_catches_one_changed_value(typed: tuple[Database, Database]) -> None:
