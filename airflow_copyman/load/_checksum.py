@@ -1,4 +1,7 @@
-"""An order-independent checksum of a set of rows, computed by the servers: ``verify="checksum"``.
+"""An order-independent checksum of a set of rows, computed by the servers: the ``row-text``
+method of ``verify="checksum"``, for a destination where a column's type differs from the
+source's (the others are verified by their COPY stream, :mod:`._readback`, which reads the
+source only once).
 
 A load is verified by comparing what the source sent with what the destination holds, each
 side summarised by one query on its own server (no row passes through Python):
