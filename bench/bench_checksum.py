@@ -128,7 +128,7 @@ def parts(server: Any, table: str) -> dict[str, str]:
                 t0 = time.perf_counter()
                 with conn.transaction():  # the settings' savepoint needs one
                     (got,) = _readback.digests(
-                        [(conn, _readback.query(sql.Identifier(table), NAMES, None, fmt))],
+                        [(conn, _readback.query(conn, sql.Identifier(table), NAMES, None, fmt))],
                         settings,
                         bounds,
                     )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from airflow_copyman.load import _session
 from airflow_copyman.testing.servers import (
     ContainerServer,
     LocalServer,
@@ -15,6 +19,10 @@ from airflow_copyman.testing.servers import (
     connect,
     create_database,
 )
+
+# The Airflow tests' database helper (it imports nothing of Airflow) serves these too.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
+from af_support import Database
 
 _names = itertools.count()
 
@@ -64,3 +72,21 @@ def dbs(server: LocalServer | ContainerServer) -> Iterator[Databases]:
     databases = Databases(server)
     yield databases
     databases.close()
+
+
+@pytest.fixture
+def pair(server: LocalServer | ContainerServer) -> Iterator[tuple[Database, Database]]:
+    """A source and a destination database on the shared server (a checksum does not care
+    whether they share one)."""
+    made = []
+    for prefix in ("src", "dst"):
+        name = f"{prefix}_{next(_names)}"
+        create_database(server.address, name)
+        made.append(Database(server, name))
+    yield made[0], made[1]
+
+
+def pinned(db: Database, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A connection with the settings a load pins on every connection."""
+    conn: psycopg.Connection[Any] = db.connect(**_session.connect_args(kwargs))
+    return conn

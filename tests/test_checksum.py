@@ -4,7 +4,7 @@ are, different where a value, a row or a NULL changed; the source's in its COPY'
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,8 @@ from psycopg import sql
 
 from airflow_copyman import copyman
 from airflow_copyman.load import _checksum as ck
-from airflow_copyman.load import _session
 from airflow_copyman.testing.servers import LocalServer, create_database
-from tests.conftest import Databases
+from tests.conftest import Databases, pinned
 
 # The table of every type family (and its edge values) the Airflow exact-copy tests use.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
@@ -24,22 +23,6 @@ from af_support import Database
 from exact_support import LOCAL_TYPE_COLUMNS, create_types, type_names
 
 _counter = iter(range(10**6))
-
-
-@pytest.fixture
-def pair(server: LocalServer) -> Iterator[tuple[Database, Database]]:
-    """A source and a destination database (on one server: the checksum does not care)."""
-    made = []
-    for prefix in ("cksrc", "ckdst"):
-        name = f"{prefix}_{next(_counter)}"
-        create_database(server.address, name)
-        made.append(Database(server, name))
-    yield made[0], made[1]
-
-
-def pinned(db: Database, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A connection with the settings the provider pins on every connection."""
-    return db.connect(**_session.connect_args(kwargs))
 
 
 def copy(

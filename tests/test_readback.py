@@ -10,7 +10,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ from psycopg import sql
 from airflow_copyman import copyman, load
 from airflow_copyman.copyman import Digest, StreamDigest
 from airflow_copyman.load import _checksum as ck
-from airflow_copyman.load import _readback, _session
-from airflow_copyman.load._bounded import Bounds, StatementTimeout
+from airflow_copyman.load import _readback
+from airflow_copyman.load._bounded import BoundedConnection, Bounds, StatementTimeout
 from airflow_copyman.testing.proxy import TcpProxy
-from airflow_copyman.testing.servers import LocalServer, create_database
+from tests.conftest import pinned
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
 from af_support import Database
@@ -40,21 +39,6 @@ SAME_VALUE = {
 }
 
 
-@pytest.fixture
-def pair(server: LocalServer) -> Iterator[tuple[Database, Database]]:
-    made = []
-    for prefix in ("rbsrc", "rbdst"):
-        name = f"{prefix}_{next(_counter)}"
-        create_database(server.address, name)
-        made.append(Database(server, name))
-    yield made[0], made[1]
-
-
-def pinned(db: Database, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A connection with the settings the load pins on every connection."""
-    return db.connect(**_session.connect_args(kwargs))
-
-
 def read_back(
     dst: psycopg.Connection[Any],
     columns: list[str],
@@ -66,12 +50,24 @@ def read_back(
     """The digest of the rows ``dst``'s transaction wrote into ``types`` (or all of them)."""
     where = None if whole_table else ck.this_transaction(dst)
     (got,) = _readback.digests(
-        [(dst, _readback.query(sql.Identifier("types"), columns, where, fmt))],
+        [(dst, _readback.query(dst, sql.Identifier("types"), columns, where, fmt))],
         settings,
         Bounds(60.0),
     )
     assert isinstance(got, Digest), got
     return got
+
+
+def plan_of_read_back(dst: psycopg.Connection[Any], columns: list[str], fmt: str) -> str:
+    """EXPLAIN of the read-back's SELECT, under the read-back's own settings."""
+    statement = _readback.query(dst, sql.Identifier("types"), columns, None, fmt).as_string(dst)
+    select = statement[len("COPY (") : statement.rindex(") TO STDOUT")]
+    dst.execute("SAVEPOINT plan")
+    for name, value in _readback.PARALLEL.items():
+        dst.execute(sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name), value))
+    plan = "\n".join(row[0] for row in dst.execute(f"EXPLAIN {select}").fetchall())  # type: ignore[arg-type]
+    dst.execute("ROLLBACK TO SAVEPOINT plan")
+    return plan
 
 
 def copy_types(
@@ -113,6 +109,12 @@ def test_the_rows_sent_digest_as_the_destination_holds_them(
         # binary header before it) moves to the end of the table.
         dst.execute("UPDATE types SET id = id WHERE id = 4")
         settings = None if fmt == "binary" else _readback.render_settings(src)
+        held = read_back(dst, columns, fmt, settings)
+        assert held == sent and sent.rows == 4, (held, sent)
+        # And rendered by parallel workers (each type's send or output function in the
+        # read-back's SELECT), as a large table is: the same bytes.
+        dst.execute("SET min_parallel_table_scan_size = 0")
+        assert "Gather" in plan_of_read_back(dst, columns, fmt)
         held = read_back(dst, columns, fmt, settings)
         assert held == sent and sent.rows == 4, (held, sent)
         assert sent.layout == ("binary" if fmt == "binary" else "text")
@@ -346,41 +348,62 @@ def test_a_stop_during_the_read_back_ends_it(pair: tuple[Database, Database]) ->
 def test_a_read_back_error_is_the_servers(pair: tuple[Database, Database]) -> None:
     _, dest_db = pair
     with pinned(dest_db) as dst:
-        dst.execute("CREATE TABLE t (id int)")
+        dst.execute("CREATE TABLE t AS SELECT 1 AS id")
+        with pytest.raises(psycopg.errors.UndefinedColumn, match="no column 'nope'"):
+            _readback.query(dst, sql.Identifier("t"), ["nope"], None, "binary")
         (got,) = _readback.digests(
-            [(dst, _readback.query(sql.Identifier("t"), ["nope"], None, "binary"))],
+            [(dst, _readback.query(dst, sql.Identifier("t"), ["id"], sql.SQL("r.id / 0 = 1"),
+                                   "binary"))],
             None,
             Bounds(10.0),
         )
-        assert isinstance(got, psycopg.errors.UndefinedColumn), got
+        assert isinstance(got, psycopg.errors.DivisionByZero), got
         dst.rollback()
 
 
 def test_a_read_back_without_data_ends_at_its_deadline(pair: tuple[Database, Database]) -> None:
-    """The read itself (not the statements around it): a server whose rows stop coming is
-    cancelled after the deadline, and its connection closed when even that gets no reply."""
+    """A server whose rows do not come (busy: here sleeping on every row) is cancelled at the
+    deadline; its connection stays usable, and the other read was not held up."""
+    _, dest_db = pair
+    dest_db.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100000) g")
+    with pinned(dest_db) as dst, pinned(dest_db) as other:
+        busy = sql.SQL("pg_sleep(5) IS NOT NULL")
+        reads = [
+            (dst, _readback.query(dst, sql.Identifier("t"), ["id"], busy, "binary")),
+            (other, _readback.query(other, sql.Identifier("t"), ["id"], None, "binary")),
+        ]
+        started = time.monotonic()
+        slow, fine = _readback.digests(reads, None, Bounds(1.0))
+        elapsed = time.monotonic() - started
+        assert isinstance(slow, StatementTimeout), slow
+        assert "no data from the server within 1 s" in str(slow)
+        assert isinstance(fine, Digest) and fine.rows == 100000, fine
+        assert elapsed < 1 + 2, elapsed  # the deadline, then at most the cancel's own wait
+        dst.rollback()  # the cancel ended the statement: the connection is usable
+        assert dst.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_read_back_whose_link_stalls_is_abandoned(pair: tuple[Database, Database]) -> None:
+    """A link that stalls mid-read (the server's replies held, a cancel unanswerable): the
+    read ends at the deadline plus the cancel's wait, its connection closed."""
     _, dest_db = pair
     dest_db.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100000) g")
     with TcpProxy(dest_db.address.host, dest_db.address.port) as proxy:
         conninfo = dest_db.address.conninfo(dest_db.name).replace(
             f"port={dest_db.address.port}", f"port={proxy.port}"
         )
-        with psycopg.connect(conninfo) as dst, psycopg.connect(
-            dest_db.address.conninfo(dest_db.name)
-        ) as other:
+        with BoundedConnection.connect(conninfo) as dst:
+            dst.bounds = Bounds(1.0)
+            # The first row waits half a second; the link stalls before it comes.
+            late = sql.SQL("r.id <> 1 OR pg_sleep(0.5) IS NOT NULL")
+            reads = [(dst, _readback.query(dst, sql.Identifier("t"), ["id"], late, "binary"))]
             dst.execute("SELECT 1")  # in a transaction, as a load's read-back is
-            proxy.set("to_client", "stall")
+            threading.Timer(0.2, proxy.set, ("to_client", "stall")).start()
             started = time.monotonic()
-            slow, fine = _readback.digests(
-                [(dst, _readback.query(sql.Identifier("t"), ["id"], None, "binary")),
-                 (other, _readback.query(sql.Identifier("t"), ["id"], None, "binary"))],
-                None,
-                Bounds(1.0),
-            )
+            (got,) = _readback.digests(reads, None, dst.bounds)
             elapsed = time.monotonic() - started
             proxy.forward_all()
-    assert isinstance(slow, StatementTimeout), slow
-    assert "no data from the server within 1 s" in str(slow)
-    # The other server's read was not held up by the stalled one.
-    assert isinstance(fine, Digest) and fine.rows == 100000, fine
-    assert elapsed < 1 + 2 + 2, elapsed  # the deadline, then the cancel's own wait
+            assert isinstance(got, StatementTimeout), got
+            assert "within 1 s" in str(got)
+            assert elapsed < 1 + 2 + 2 + 1, elapsed
+            assert dst.closed

@@ -61,17 +61,58 @@ def render_settings(source: psycopg.Connection[Any]) -> dict[str, str]:
     return dict(zip(RENDERING, row, strict=True))
 
 
+#: For the read-back only: parallel workers may render the rows (the planner's defaults
+#: count the send and output functions as nearly free, so it would not use them). Tables
+#: under ``min_parallel_table_scan_size`` are still read by one process; a merge's staging
+#: table is temporary, which workers cannot read.
+PARALLEL = {"parallel_setup_cost": "0", "parallel_tuple_cost": "0"}
+
+_FUNCTIONS = """
+SELECT a.attname::text,
+       CASE WHEN t.typsend = 0 THEN NULL
+            ELSE format('%%I.%%I', sn.nspname, s.proname) END,
+       format('%%I.%%I', n.nspname, o.proname)
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_proc s ON s.oid = t.typsend
+LEFT JOIN pg_namespace sn ON sn.oid = s.pronamespace
+JOIN pg_proc o ON o.oid = t.typoutput
+JOIN pg_namespace n ON n.oid = o.pronamespace
+WHERE a.attrelid = %(relation)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
 def query(
+    conn: psycopg.Connection[Any],
     relation: sql.Composable,
     columns: Sequence[str],
     where: sql.Composable | None,
     fmt: str,
 ) -> sql.Composed:
-    """The ``COPY`` of ``columns`` (in the load's order) of the rows ``where`` selects."""
-    select_ = sql.SQL("SELECT {} FROM {} AS r").format(
-        sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns),
-        relation,
-    )
+    """The ``COPY`` of ``columns`` (in the load's order) of ``relation``'s rows that
+    ``where`` selects, in ``fmt``. Each column is rendered in the ``SELECT`` by its type's
+    own send function (binary) or output function (text, CSV): a ``bytea`` or ``cstring``
+    that COPY then writes as it is, so the stream is byte for byte the COPY of the columns
+    themselves (``numeric_send(n)``'s bytes are the field ``n``'s), and parallel workers
+    can do the rendering instead of the one process that writes the COPY. A domain's
+    functions are its base type's."""
+    rows = conn.execute(
+        _FUNCTIONS,  # type: ignore[arg-type]
+        {"relation": relation.as_string(conn)},
+    ).fetchall()
+    functions = {name: send if fmt == "binary" else output for name, send, output in rows}
+    missing = [c for c in columns if c not in functions]
+    if missing:
+        raise psycopg.errors.UndefinedColumn(
+            f"{relation.as_string(conn)} has no column {missing[0]!r}"
+        )
+    rendered = []
+    for name in columns:
+        column = sql.SQL("r.{}").format(sql.Identifier(name))
+        function = functions[name]
+        # A type without a send function never travels in binary: no such column here.
+        rendered.append(column if function is None else sql.SQL(f"{function}({{}})").format(column))
+    select_ = sql.SQL("SELECT {} FROM {} AS r").format(sql.SQL(", ").join(rendered), relation)
     if where is not None:
         select_ = sql.SQL("{} WHERE {}").format(select_, where)
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(select_, sql.SQL(fmt))
@@ -94,18 +135,16 @@ class _Read:
         self.deadline = 0.0
 
     def start(self, statement: bytes, timeout: float) -> None:
-        if self.settings is not None:
-            self.conn.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
-            self.conn.execute(
-                sql.SQL("SELECT {}").format(
-                    sql.SQL(", ").join(
-                        sql.SQL("set_config({}, {}, true)").format(
-                            sql.Literal(k), sql.Literal(v)
-                        )
-                        for k, v in self.settings.items()
-                    )
+        settings = {**PARALLEL, **(self.settings or {})}
+        self.conn.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
+        self.conn.execute(
+            sql.SQL("SELECT {}").format(
+                sql.SQL(", ").join(
+                    sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+                    for k, v in settings.items()
                 )
             )
+        )
         self.pg.send_query(statement)
         self.socket = self.pg.socket
         self.deadline = time.monotonic() + timeout
@@ -128,6 +167,7 @@ class _Read:
         hashed = 0
         messages = 0
         first: Any = None
+        refilled = False  # libpq's buffer was just refilled from the socket
         try:
             while True:
                 nbytes, data = get(1)
@@ -136,20 +176,15 @@ class _Read:
                     if not messages:
                         first = data
                     messages += 1
-                    continue
-                if nbytes == 0:
+                    refilled = False
+                elif nbytes == 0:
+                    if refilled:
+                        break  # nothing in the socket either: wait for it
                     pg.consume_input()
-                    nbytes, data = get(1)
-                    if nbytes > 0:
-                        hashed += row_hash(data)
-                        if not messages:
-                            first = data
-                        messages += 1
-                        continue
-                    if nbytes == 0:
-                        break
-                self.copying = False  # -1: the rows ended
-                break
+                    refilled = True
+                else:
+                    self.copying = False  # -1: the rows ended
+                    break
         finally:
             if messages:
                 digest.started(first)
@@ -191,7 +226,7 @@ class _Read:
 
     def finish(self) -> None:
         """After the read: undo the settings (the savepoint), if the connection is usable."""
-        if self.settings is None or self.conn.closed:
+        if self.conn.closed:
             return
         if isinstance(self.outcome, BaseException):
             return  # the transaction failed: the load rolls it back

@@ -135,7 +135,7 @@ def _read(target: Target, fmt: str) -> tuple[psycopg.Connection[Any], sql.Compos
     conn, mode = target.conn, target.mode
     assert conn is not None and mode is not None and target.columns is not None
     relation, where = mode.written(conn)
-    return conn, _readback.query(relation, target.columns, where, fmt)
+    return conn, _readback.query(conn, relation, target.columns, where, fmt)
 
 
 def _checksum_of(digest: Digest, fmt: str) -> Checksum:
