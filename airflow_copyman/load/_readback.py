@@ -12,6 +12,9 @@ streams are the same bytes row for row, whatever order the rows are in:
   settings set for the read (``TimeZone``, ``DateStyle``...: :func:`render_settings`),
   in a savepoint rolled back after it, so the load transaction keeps its own.
 
+The read-back's ``SELECT`` renders each column by its type's send or output function, so
+that parallel workers can share the rendering (:func:`query`): the bytes are the same.
+
 Every destination's read runs at once in one wait loop, each hashed as it arrives, so
 one slow server holds up nobody and no data is kept. A read with no data for the load's
 timeout, or a stop, is cancelled on its server (then its connection is closed if it does
