@@ -407,3 +407,56 @@ def test_a_read_back_whose_link_stalls_is_abandoned(pair: tuple[Database, Databa
             assert "within 1 s" in str(got)
             assert elapsed < 1 + 2 + 2 + 1, elapsed
             assert dst.closed
+
+
+def encoded(server: Any, encoding: str) -> Database:
+    name = f"rb{encoding.lower()}_{next(_counter)}"
+    with psycopg.connect(server.address.conninfo(), autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' "  # type: ignore[arg-type]
+            "TEMPLATE template0"
+        )
+    return Database(server, name)
+
+
+TEXTS = {
+    "EUC_JP": ["日本語のテキスト", "ｶﾀｶﾅ と ひらがな", "表示 ソ 能"],
+    "LATIN1": ["déjà vu", "Grüße, ¤ ½ ÿ", "naïve façade"],
+}
+
+
+@pytest.mark.parametrize("encoding", ["EUC_JP", "LATIN1"])
+@pytest.mark.parametrize("fmt", ["text", "binary"])
+def test_databases_in_other_encodings_verify_by_their_stream(
+    server: Any, encoding: str, fmt: str
+) -> None:
+    """The COPY stream is UTF-8 on both sides (the pinned client encoding): a source and a
+    destination in LATIN1 or EUC_JP verify, as a UTF8 destination does. The by-text method
+    hashes the servers' own text and needs UTF8: a destination that would use it is refused
+    before anything moves."""
+    source, same, utf8 = encoded(server, encoding), encoded(server, encoding), encoded(
+        server, "UTF8"
+    )
+    rows = ", ".join(f"({i}, '{text}')" for i, text in enumerate(TEXTS[encoding] * 100))
+    with source.connect(client_encoding="UTF8") as conn:
+        conn.execute(f"CREATE TABLE t (id int, s text); INSERT INTO t VALUES {rows}")  # type: ignore[arg-type]
+    for db in (same, utf8):
+        db.execute("CREATE TABLE t (id int, s text); CREATE TABLE wide (id bigint, s text)")
+    endpoints = {"same": endpoint(same, "same"), "utf8": endpoint(utf8, "utf8")}
+    report = load.run(
+        endpoint(source, "src"), "t",
+        [{"conn_id": "same", "table": "t"}, {"conn_id": "utf8", "table": "t"}],
+        endpoints=endpoints, format=fmt, verify="checksum",
+    )
+    loaded = [(d.status, d.checksum) for d in report.destinations]
+    assert loaded == [("loaded", loaded[0][1])] * 2, report
+    assert str(loaded[0][1]).startswith(f"300:copy-{fmt}:")
+    for db in (source, same, utf8):
+        with db.connect(client_encoding="UTF8") as conn:
+            assert [r[0] for r in conn.execute("SELECT s FROM t ORDER BY id LIMIT 3")] == (
+                TEXTS[encoding]
+            )
+    with pytest.raises(load.ConfigError, match=f"needs UTF8 databases .*{encoding}"):
+        load.run(endpoint(source, "src"), "t", [{"conn_id": "utf8", "table": "wide"}],
+                 endpoints=endpoints, verify="checksum")
+    assert utf8.scalar("SELECT count(*) FROM wide") == 0

@@ -159,17 +159,12 @@ class ColumnRendering:
     name: str
     type_sql: str
     builtin: bool
-    #: The type as the plan spells the source's (``format_type`` with NULL for no
-    #: modifier: ``bpchar``, not ``character``), to tell whether both sides' types match.
-    plan_type: str = ""
 
 
 _DESTINATION_COLUMNS = """
 SELECT a.attname::text,
        format_type(bt.oid, CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END),
-       bt.oid < %(first_normal)s,
-       format_type(bt.oid, NULLIF(CASE WHEN t.typtype = 'd' THEN t.typtypmod
-                                       ELSE a.atttypmod END, -1))
+       bt.oid < %(first_normal)s
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END

@@ -34,7 +34,7 @@ class Copying(State):
         try:
             if target.create:
                 conn.execute(_create.statement(target.table, target.planned, mode.key or None))
-            if self.verify == "checksum":
+            if self.verify == "checksum" and not _verifying.streams(self, target):
                 doing = "describing the columns for the checksum"
                 _verifying.take_renderings(target)
             doing = f"starting mode={mode.name!r}"

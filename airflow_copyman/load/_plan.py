@@ -402,6 +402,14 @@ def binary_safe(source: Sequence[Column], dest: Sequence[Column]) -> bool:
     )
 
 
+def same_types(source: Sequence[Column], dest: Sequence[Column]) -> bool:
+    """Whether every column has the same type on both sides (base type of a domain, with its
+    modifier): then both sides' COPY of the same values is the same bytes."""
+    return len(source) == len(dest) and all(
+        s.type_sql and s.type_sql == d.type_sql for s, d in zip(source, dest, strict=True)
+    )
+
+
 def first_type_difference(source: Sequence[Column], dest: Sequence[Column]) -> str | None:
     for s, d in zip(source, dest, strict=False):
         if s.is_oid_alias and s.type_name == d.type_name:

@@ -38,8 +38,6 @@ class Planning(State):
                     psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
                 )
             _readonly.refuse_writes(src, select)
-            if self.verify == "checksum":
-                _checksum.require_comparable(src, f"source {self.origin.name}")
             source_tables = _identity.source(src, f"source {self.origin.name}")
             self.estimate = _estimate.estimate_source(src, self.source, self.parameters, self.log)
         except _plan.PlanError as exc:
@@ -59,6 +57,7 @@ class Planning(State):
         binary_ok = True
         difference = None
         binary_refusals = []
+        by_text: list[str] = []  # destinations verified by the rows' text
         for i, target in enumerate(self.targets):
             if not target.pending:
                 continue
@@ -71,7 +70,11 @@ class Planning(State):
                     continue
                 columns = target.planned
                 if self.verify == "checksum":
-                    _checksum.require_comparable(target.conn, where)
+                    target.by_stream = _plan.same_types(source_columns, columns)
+                    if not target.by_stream:
+                        # Compared by the rows' UTF-8 text (the COPY stream needs nothing).
+                        _checksum.require_comparable(target.conn, where)
+                        by_text.append(where)
                 target.conn.rollback()
             except _plan.PlanError as exc:
                 errors.append(f"{where}: {exc}")
@@ -87,6 +90,14 @@ class Planning(State):
                 here = _plan.first_type_difference(source_columns, columns)
                 difference = difference or here
                 binary_refusals.append(f"{where}: column {here}")
+        if by_text:
+            try:
+                _checksum.require_comparable(src, f"source {self.origin.name}")
+            except psycopg.Error as exc:
+                if not _classify.is_permanent(exc):
+                    self._source_failed(exc, "checking it for the checksum")
+                    return
+                errors.append(f"{exc} (for {', '.join(by_text)}: a column's type differs)")
         if self.requested_format == "binary" and binary_refusals:
             # Binary COPY carries each type's own binary form: another type reads it as
             # something else (int8 1 as numeric 0.0) or not at all, and no server checks.

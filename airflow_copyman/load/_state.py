@@ -53,6 +53,9 @@ class Target:
         #: before the COPY (rows a preoperator wrote).
         self.renderings: list[ColumnRendering] | None = None
         self.baseline: Checksum | None = None
+        #: verify="checksum" by its COPY stream (same types on both sides), else by the
+        #: rows' text (decided while planning).
+        self.by_stream = False
 
     @property
     def pending(self) -> bool:

@@ -110,14 +110,9 @@ class Verifying(State):
 
 def streams(state: State, target: Target) -> bool:
     """Whether ``target`` is verified by its COPY stream: every column the COPY fills has
-    the source column's type (base type of a domain, modifier included) on both sides."""
-    renderings = target.renderings
-    if renderings is None or len(renderings) != len(state.source_columns):
-        return False
-    return all(
-        column.type_sql and column.type_sql == rendering.plan_type
-        for column, rendering in zip(state.source_columns, renderings, strict=True)
-    )
+    the source column's type (base type of a domain, modifier included) on both sides
+    (decided while planning)."""
+    return target.by_stream
 
 
 def rendering(state: State) -> dict[str, str] | None:
