@@ -13,6 +13,7 @@ from airflow_copyman.load import (
     _bounded,
     _classify,
 )
+from airflow_copyman.load._ledger import Extras
 from airflow_copyman.load._spec import (
     LoadError,
     TooFewRowsError,
@@ -69,8 +70,16 @@ class Committing(Verifying):
             try:
                 if self.ledger is not None and target.ledger_schema is not None:
                     schema, label = target.ledger_schema, str(target.table)
+                    # Known by now: the checksum (_verify), the merge's counts (_finish).
+                    mode = target.mode
+                    extras = Extras(
+                        mode.inserted if mode is not None else None,
+                        mode.updated if mode is not None else None,
+                        target.result.checksum,
+                    )
                     if not self.ledger.record(
-                        conn, schema, target.spec.conn_id, label, rows, nbytes
+                        conn, schema, target.spec.conn_id, label, rows, nbytes, extras,
+                        has_extras=target.ledger_extras,
                     ):
                         conn.rollback()
                         entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label)

@@ -49,9 +49,20 @@ CREATE TABLE IF NOT EXISTS {table} (
     rows        bigint      NOT NULL,
     bytes       bigint      NOT NULL,
     loaded_at   timestamptz NOT NULL DEFAULT now(),
+    inserted    bigint,
+    updated     bigint,
+    checksum    text,
     PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
 )
 """
+
+#: What the loading try measured beyond rows and bytes (a merge's counts, the checksum of
+#: verify="checksum"), so a retry reports them for a destination it skips. A ledger table
+#: created by an earlier version lacks these columns and is never altered (an ALTER TABLE
+#: takes an ACCESS EXCLUSIVE lock: it would queue behind every load transaction holding the
+#: ledger, and block all of them behind itself); such a table records no extras, and reads
+#: them as NULL (through ``to_jsonb`` of the row, which has whatever columns the table has).
+EXTRAS = ("inserted", "updated", "checksum")
 
 _KEY = "dag_id = %s AND task_id = %s AND run_id = %s AND map_index = %s AND conn_id = %s " \
     "AND destination = %s"
@@ -75,6 +86,20 @@ class Entry:
     try_number: int
     rows: int
     bytes: int
+    #: What the loading try measured (None where it measured nothing, or the ledger table
+    #: predates these columns).
+    inserted: int | None = None
+    updated: int | None = None
+    checksum: str | None = None
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a load measured beyond rows and bytes, for its ledger row."""
+
+    inserted: int | None = None
+    updated: int | None = None
+    checksum: str | None = None
 
 
 class Ledger:
@@ -142,14 +167,16 @@ class Ledger:
         if not exists or not exists[0]:
             return None
         row = conn.execute(
-            sql.SQL("SELECT lineage, try_number, rows, bytes FROM {} WHERE " + _KEY).format(
-                sql.Identifier(schema, TABLE)
-            ),
+            sql.SQL(
+                "SELECT lineage, try_number, rows, bytes, (to_jsonb(l) ->> 'inserted')::bigint,"
+                " (to_jsonb(l) ->> 'updated')::bigint, to_jsonb(l) ->> 'checksum'"
+                " FROM {} AS l WHERE " + _KEY
+            ).format(sql.Identifier(schema, TABLE)),
             self._key_params(conn_id, destination),
         ).fetchone()
         if row is None:
             return None
-        entry = Entry(row[0], row[1], row[2], row[3])
+        entry = Entry(*row)
         if entry.lineage != self.key.lineage and not self.resume_on_clear:
             return None
         return entry
@@ -166,47 +193,90 @@ class Ledger:
         )
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [text])
 
-    def ensure_table(self, conn: psycopg.Connection[Any], schema: str) -> None:
-        """Create the ledger table if needed, in a short transaction of its own."""
+    def ensure_table(self, conn: psycopg.Connection[Any], schema: str) -> bool | None:
+        """Create the ledger table if needed, in a short transaction of its own.
+
+        Returns whether the table has the columns of :data:`EXTRAS` (False: created by an
+        earlier version, left as it is), None if unknown (another task created it at the
+        same moment): :meth:`record` then looks.
+        """
         try:
-            exists = conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", [_regclass(schema)]
-            ).fetchone()
-            if not (exists and exists[0]):
+            found = conn.execute(_HAS_EXTRAS, [_regclass(schema)]).fetchone()
+            has_extras: bool | None
+            if found is None or found[0] is None:
                 conn.execute(
                     sql.SQL(_CREATE).format(table=sql.Identifier(schema, TABLE))  # type: ignore[arg-type]
                 )
+                has_extras = True
+            else:
+                has_extras = bool(found[0])
             conn.commit()
+            return has_extras
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
             # Another task created it at the same moment (CREATE TABLE IF NOT EXISTS races
             # on the catalog's unique indexes).
             conn.rollback()
+            return None
         except BaseException:
             conn.rollback()
             raise
 
+    def has_extras(self, conn: psycopg.Connection[Any], schema: str) -> bool:
+        """Whether the ledger table in ``schema`` has the columns of :data:`EXTRAS`, in the
+        current transaction."""
+        found = conn.execute(_HAS_EXTRAS, [_regclass(schema)]).fetchone()
+        return bool(found and found[0])
+
     def record(
         self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
-        rows: int, nbytes: int,
+        rows: int, nbytes: int, extras: Extras | None = None, *,
+        has_extras: bool | None = None,
     ) -> bool:
         """Write this destination's row in the current (load) transaction.
 
-        Returns False if a try of the same lineage recorded it first (committed while this
-        one loaded): the caller must roll back, the destination is loaded already.
+        ``extras``: what the load measured beyond rows and bytes, written where the table
+        has their columns (``has_extras``, as :meth:`ensure_table` returned it; None: look
+        in the catalog now). Returns False if a try of the same lineage recorded it first
+        (committed while this one loaded): the caller must roll back, the destination is
+        loaded already.
         """
         k = self.key
+        columns = ["lineage", "try_number", "rows", "bytes"]
+        values: list[Any] = [k.lineage, k.try_number, rows, nbytes]
+        if has_extras is None:
+            has_extras = self.has_extras(conn, schema)
+        if has_extras:
+            # Always, None included: a row of an earlier lineage keeps none of its own.
+            extras = extras or Extras()
+            columns += EXTRAS
+            values += [extras.inserted, extras.updated, extras.checksum]
+        names = ["dag_id", "task_id", "run_id", "map_index", "conn_id", "destination", *columns]
         result = conn.execute(
             sql.SQL(
-                "INSERT INTO {} AS l (dag_id, task_id, run_id, map_index, conn_id, destination,"
-                " lineage, try_number, rows, bytes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                "INSERT INTO {table} AS l ({names}) VALUES ({values})"
                 " ON CONFLICT (dag_id, task_id, run_id, map_index, conn_id, destination)"
-                " DO UPDATE SET lineage = EXCLUDED.lineage, try_number = EXCLUDED.try_number,"
-                " rows = EXCLUDED.rows, bytes = EXCLUDED.bytes, loaded_at = now()"
+                " DO UPDATE SET {updates}, loaded_at = now()"
                 " WHERE l.lineage <> EXCLUDED.lineage RETURNING 1"
-            ).format(sql.Identifier(schema, TABLE)),
-            [*self._key_params(conn_id, destination), k.lineage, k.try_number, rows, nbytes],
+            ).format(
+                table=sql.Identifier(schema, TABLE),
+                names=sql.SQL(", ").join(map(sql.Identifier, names)),
+                values=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+                updates=sql.SQL(", ").join(
+                    sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns
+                ),
+            ),
+            [*self._key_params(conn_id, destination), *values],
         ).fetchone()
         return result is not None
+
+
+#: NULL: no ledger table; else whether it has the columns of EXTRAS (one query: no extra
+#: round trip over the existence check it replaces).
+_HAS_EXTRAS = (
+    "SELECT (SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = t.oid"
+    " AND attname IN ('inserted', 'updated', 'checksum') AND NOT attisdropped)"
+    " FROM (SELECT to_regclass(%s) AS oid) t WHERE t.oid IS NOT NULL"
+)
 
 
 def _regclass(schema: str) -> str:

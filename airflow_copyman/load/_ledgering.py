@@ -66,7 +66,7 @@ class LedgerSteps(State):
                     target.ledger_schema = schema
                 if schema is None:  # pragma: no cover - planning found the table
                     raise _plan.PlanError(f"table {target.table} does not exist")
-                self.ledger.ensure_table(target.conn, schema)
+                target.ledger_extras = self.ledger.ensure_table(target.conn, schema)
             except _plan.PlanError as exc:
                 errors.append(f"{target.label}: {exc}")
             except psycopg.Error as exc:

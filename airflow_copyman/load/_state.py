@@ -49,6 +49,8 @@ class Target:
         self.planned: list[Column] = []
         #: The schema of its ledger table (once known).
         self.ledger_schema: str | None = None
+        #: Whether that ledger table has the columns of the load's extras (None: unknown).
+        self.ledger_extras: bool | None = None
         #: verify="checksum": how its columns are rendered, and what its scope held
         #: before the COPY (rows a preoperator wrote).
         self.renderings: list[ColumnRendering] | None = None
@@ -146,6 +148,10 @@ class State:
         result = target.result
         result.status = "already_loaded"
         result.rows, result.bytes, result.try_number = entry.rows, entry.bytes, entry.try_number
+        # What the loading try measured (None where its ledger table has no such columns);
+        # replaces whatever this try measured before it found the row.
+        result.inserted, result.updated = entry.inserted, entry.updated
+        result.checksum = entry.checksum
         self.log.info(
             "%s: already loaded by try %d (%d rows): skipped",
             target.label,

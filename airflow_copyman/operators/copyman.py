@@ -404,6 +404,10 @@ class _StateMirror:
             bytes=entry.get("bytes"),
             try_number=entry.get("try_number"),
             relation=Relation(*entry["relation"]) if entry.get("relation") else None,
+            # What the loading try measured (absent from records of earlier versions).
+            inserted=entry.get("inserted"),
+            updated=entry.get("updated"),
+            checksum=entry.get("checksum"),
         )
 
     def record(self, result: DestinationResult, try_number: int) -> None:
@@ -413,6 +417,7 @@ class _StateMirror:
             "try_number": result.try_number or try_number,
             "loaded_at": datetime.now(UTC).isoformat(),
             "relation": list(result.relation.parts) if result.relation else None,
+            **_measured(result),
         }
         self._write()
 
@@ -426,6 +431,7 @@ class _StateMirror:
                     "rows": result.rows,
                     "bytes": result.bytes,
                     "try_number": result.try_number or try_number,
+                    **_measured(result),
                 }
         self.record_["last_try"] = try_number
         self.record_["failed"] = [r.label for r in report.failed]
@@ -439,3 +445,8 @@ class _StateMirror:
     def _write(self) -> None:
         if self.store is not None:
             self.store.set(STATE_KEY, self.record_)
+
+
+def _measured(result: DestinationResult) -> dict[str, Any]:
+    """What a load measured beyond rows and bytes (a merge's counts, the checksum)."""
+    return {"inserted": result.inserted, "updated": result.updated, "checksum": result.checksum}
