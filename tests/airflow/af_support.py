@@ -157,6 +157,30 @@ def rows_of(db: Database, table: str, order_by: str = "id", where: str = "") -> 
     return db.execute(f"SELECT * FROM {table} {where} ORDER BY {order_by}")
 
 
+# The ledger table as the versions before these columns created it.
+OLD_LEDGER = """
+CREATE SCHEMA IF NOT EXISTS old;
+CREATE TABLE old.copyman_ledger (
+    dag_id      text        NOT NULL,
+    task_id     text        NOT NULL,
+    run_id      text        NOT NULL,
+    map_index   integer     NOT NULL,
+    conn_id     text        NOT NULL,
+    destination text        NOT NULL,
+    lineage     text        NOT NULL,
+    try_number  integer     NOT NULL,
+    rows        bigint      NOT NULL,
+    bytes       bigint      NOT NULL,
+    loaded_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
+)
+"""
+OLD_LEDGER_COLUMNS = [
+    "dag_id", "task_id", "run_id", "map_index", "conn_id", "destination", "lineage",
+    "try_number", "rows", "bytes", "loaded_at",
+]
+
+
 # DAG runs.
 
 _modules: dict[Path, Any] = {}

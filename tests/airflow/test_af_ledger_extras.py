@@ -9,7 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from af_support import Database, PgServers, create_orders, create_orders_table, rows_of, run_dag
+from af_support import (
+    OLD_LEDGER,
+    OLD_LEDGER_COLUMNS,
+    Database,
+    PgServers,
+    create_orders,
+    create_orders_table,
+    rows_of,
+    run_dag,
+)
 from test_af_assets import _events, _uri
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -28,30 +37,6 @@ BEGIN
 END $$;
 CREATE TRIGGER kill_me BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION kill_me();
 """
-
-# The ledger table as the versions before these columns created it.
-OLD_LEDGER = """
-CREATE SCHEMA old;
-CREATE TABLE old.copyman_ledger (
-    dag_id      text        NOT NULL,
-    task_id     text        NOT NULL,
-    run_id      text        NOT NULL,
-    map_index   integer     NOT NULL,
-    conn_id     text        NOT NULL,
-    destination text        NOT NULL,
-    lineage     text        NOT NULL,
-    try_number  integer     NOT NULL,
-    rows        bigint      NOT NULL,
-    bytes       bigint      NOT NULL,
-    loaded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
-)
-"""
-OLD_COLUMNS = [
-    "dag_id", "task_id", "run_id", "map_index", "conn_id", "destination", "lineage",
-    "try_number", "rows", "bytes", "loaded_at",
-]
-
 
 def _setup(pg: PgServers, monkeypatch: pytest.MonkeyPatch, prefix: str) -> tuple[Database, ...]:
     src, d1, d2 = (pg.database(s, prefix) for s in (pg.src, pg.dst1, pg.dst2))
@@ -136,7 +121,7 @@ def test_a_ledger_table_of_an_earlier_version_works_without_the_extras(
 
     # Never altered: the old table records the loads without the extras...
     for db in (d1, d2):
-        assert _columns(db, "old") == OLD_COLUMNS
+        assert _columns(db, "old") == OLD_LEDGER_COLUMNS
         assert _columns(db, "public") == []
     assert d1.execute("SELECT try_number, rows FROM old.copyman_ledger") == [(1, 1000)]
     assert d2.execute("SELECT try_number, rows FROM old.copyman_ledger") == [(2, 1000)]
