@@ -29,7 +29,7 @@ from typing import Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
-from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
+from airflow_copyman.load._ledger import Entry, Extras, Ledger, TaskKey
 from airflow_copyman.load._mode import Mode
 from airflow_copyman.load._plan import Params
 from airflow_copyman.load._run import Endpoints, Transfer
@@ -55,6 +55,7 @@ __all__ = [
     "Endpoint",
     "Endpoints",
     "Entry",
+    "Extras",
     "Ledger",
     "LoadError",
     "Mode",

@@ -198,6 +198,37 @@ def test_lineage_follows_max_tries() -> None:
     assert _StateMirror(None, 3, resume_on_clear=False).lineage == "max_tries-3"
 
 
+def test_the_mirror_keeps_what_the_loading_try_measured() -> None:
+    from airflow_copyman.hooks.copyman import Destination, DestinationResult, TransferReport
+    from airflow_copyman.operators.copyman import _StateMirror
+
+    store = DictStore()
+    dest = Destination("pg_a", "public.t", mode="merge", key=("id",))
+    # The ledger shows a load the store missed (try 1 died after its commit): try 2 syncs
+    # it with what the ledger kept of try 1's measures.
+    from_ledger = DestinationResult(
+        "pg_a", "public.t", "already_loaded", 10, 100, try_number=1, mode="merge",
+        inserted=7, updated=3, checksum="10:copy-binary:42",
+    )
+    _StateMirror(store, 3, resume_on_clear=False).sync(
+        TransferReport(10, 100, "binary", 0.1, [from_ledger]), 2
+    )
+    loaded = _StateMirror(store, 3, resume_on_clear=False).loaded(dest)
+    assert loaded is not None
+    assert (loaded.try_number, loaded.inserted, loaded.updated, loaded.checksum) == (
+        1, 7, 3, "10:copy-binary:42"
+    )
+    assert loaded.as_dict()["inserted"] == 7 and loaded.as_dict()["checksum"].endswith(":42")
+    # A record of an earlier version (no such keys) restores them as None.
+    old = DictStore()
+    old.set("copyman", {"lineage": "l", "max_tries": 3,
+                        "destinations": {"pg_a:public.t": {"rows": 10, "bytes": 100,
+                                                           "try_number": 1}}})
+    kept = _StateMirror(old, 3, resume_on_clear=False).loaded(dest)
+    assert kept is not None and kept.rows == 10
+    assert (kept.inserted, kept.updated, kept.checksum) == (None, None, None)
+
+
 def test_operator_rejects_bad_arguments_at_parse_time() -> None:
     from airflow_copyman.operators.copyman import CopyManOperator
 
