@@ -77,9 +77,10 @@ class Committing(Verifying):
                         mode.updated if mode is not None else None,
                         target.result.checksum,
                     )
+                    # Positional: a Ledger subclass may pass them on as *args.
                     if not self.ledger.record(
                         conn, schema, target.spec.conn_id, label, rows, nbytes, extras,
-                        has_extras=target.ledger_extras,
+                        target.ledger_extras,
                     ):
                         conn.rollback()
                         entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label)

@@ -229,8 +229,7 @@ class Ledger:
 
     def record(
         self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
-        rows: int, nbytes: int, extras: Extras | None = None, *,
-        has_extras: bool | None = None,
+        rows: int, nbytes: int, extras: Extras | None = None, has_extras: bool | None = None,
     ) -> bool:
         """Write this destination's row in the current (load) transaction.
 
