@@ -394,8 +394,9 @@ def test_a_read_back_whose_link_stalls_is_abandoned(pair: tuple[Database, Databa
         )
         with BoundedConnection.connect(conninfo) as dst:
             dst.bounds = Bounds(1.0)
-            # The first row waits half a second; the link stalls before it comes.
-            late = sql.SQL("r.id <> 1 OR pg_sleep(0.5) IS NOT NULL")
+            # The first row comes after the deadline; the link stalls long before that, so
+            # the cancel's reply is held too.
+            late = sql.SQL("r.id <> 1 OR pg_sleep(2) IS NOT NULL")
             reads = [(dst, _readback.query(dst, sql.Identifier("t"), ["id"], late, "binary"))]
             dst.execute("SELECT 1")  # in a transaction, as a load's read-back is
             threading.Timer(0.2, proxy.set, ("to_client", "stall")).start()
