@@ -49,7 +49,7 @@ This module imports no Airflow module and nothing else of the project.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -218,7 +218,7 @@ class Pending(Generic[T]):
         read: Callable[[tuple[Any, ...]], T],
     ) -> None:
         self.conn, self._read = conn, read
-        _with_settings(conn)
+        with_settings(conn)
         conn.pgconn.send_query(query.as_bytes(conn))
 
     def wait(self) -> T:
@@ -231,18 +231,28 @@ class Pending(Generic[T]):
         values = tuple(
             (result.get_value(0, i) or b"0").decode(encoding) for i in range(result.nfields)
         )
-        conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {0}; RELEASE SAVEPOINT {0}").format(_SAVEPOINT))
+        undo_settings(conn)
         return self._read(values)
 
 
-def _with_settings(conn: psycopg.Connection[Any]) -> None:
-    """Open a savepoint and set the rendering settings in it (undone by its rollback)."""
-    settings = sql.SQL(", ").join(
+def with_settings(
+    conn: psycopg.Connection[Any],
+    settings: Mapping[str, str] = RENDER_SETTINGS,
+    savepoint: sql.Identifier = _SAVEPOINT,
+) -> None:
+    """Open ``savepoint`` and set ``settings`` in it, for the statement that follows:
+    :func:`undo_settings` rolls them back, and nothing else of the transaction."""
+    values = sql.SQL(", ").join(
         sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
-        for k, v in RENDER_SETTINGS.items()
+        for k, v in settings.items()
     )
-    conn.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
-    conn.execute(sql.SQL("SELECT {}").format(settings))
+    conn.execute(sql.SQL("SAVEPOINT {}").format(savepoint))
+    conn.execute(sql.SQL("SELECT {}").format(values))
+
+
+def undo_settings(conn: psycopg.Connection[Any], savepoint: sql.Identifier = _SAVEPOINT) -> None:
+    """Back to the settings from before :func:`with_settings` (the statement wrote nothing)."""
+    conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {0}; RELEASE SAVEPOINT {0}").format(savepoint))
 
 
 def _aggregate(rendering: sql.Composable) -> sql.Composed:

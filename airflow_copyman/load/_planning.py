@@ -80,10 +80,7 @@ class Planning(State):
                 errors.append(f"{where}: {exc}")
                 continue
             except psycopg.Error as exc:
-                if _classify.is_permanent(exc):
-                    errors.append(f"{where}: {_classify.describe(exc)}")
-                else:
-                    self._fail(target, exc, "checking the table")
+                self._sort_error(target, exc, where, "checking the table", errors)
                 continue
             if not _plan.binary_safe(source_columns, columns):
                 binary_ok = False
@@ -115,6 +112,16 @@ class Planning(State):
         else:
             self.format = "text"
             self.log.info("Column types differ (%s): copying in text format", difference)
+
+    def _sort_error(
+        self, target: Target, exc: psycopg.Error, where: str, doing: str, errors: list[str]
+    ) -> None:
+        """A permanent error joins the plan's errors (the load fails before anything moves);
+        a transient one fails only this destination (a retry may load it)."""
+        if _classify.is_permanent(exc):
+            errors.append(f"{where}: {_classify.describe(exc)}")
+        else:
+            self._fail(target, exc, doing)
 
     def _plan_target(self, target: Target, source_columns: list[Column]) -> str | None:
         """Describe the destination's columns for the source's (``target.planned``), or
@@ -169,7 +176,7 @@ class Planning(State):
     def _same_tables(self, source_tables: _identity.Tables) -> list[str]:
         """Refuse destinations that are one table, or a table the source reads, whatever
         their spelling (identified by their servers, before anything is written)."""
-        errors = []
+        errors: list[str] = []
         found = []
         for i, target in enumerate(self.targets):
             conn = target.conn
@@ -180,10 +187,7 @@ class Planning(State):
                 # Left in the transaction planning goes on with (it rolls back after).
                 tables = _identity.destination(conn, target.table.regclass_text, label)
             except psycopg.Error as exc:
-                if _classify.is_permanent(exc):
-                    errors.append(f"{label}: {_classify.describe(exc)}")
-                else:
-                    self._fail(target, exc, "identifying the table")
+                self._sort_error(target, exc, label, "identifying the table", errors)
                 continue
             if tables is not None:
                 found.append(tables)

@@ -38,7 +38,7 @@ from psycopg import pq, sql
 from airflow_copyman import copyman
 from airflow_copyman.copyman import Digest, StreamDigest
 from airflow_copyman.copyman._digest import row_hash
-from airflow_copyman.load import _bounded
+from airflow_copyman.load import _bounded, _checksum
 from airflow_copyman.load._bounded import Bounds
 
 #: The settings a type's text output depends on (all but TimeZone pinned by the load's
@@ -138,16 +138,7 @@ class _Read:
         self.deadline = 0.0
 
     def start(self, statement: bytes, timeout: float) -> None:
-        settings = {**PARALLEL, **(self.settings or {})}
-        self.conn.execute(sql.SQL("SAVEPOINT {}").format(_SAVEPOINT))
-        self.conn.execute(
-            sql.SQL("SELECT {}").format(
-                sql.SQL(", ").join(
-                    sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
-                    for k, v in settings.items()
-                )
-            )
-        )
+        _checksum.with_settings(self.conn, {**PARALLEL, **(self.settings or {})}, _SAVEPOINT)
         self.pg.send_query(statement)
         self.socket = self.pg.socket
         self.deadline = time.monotonic() + timeout
@@ -233,9 +224,7 @@ class _Read:
             return
         if isinstance(self.outcome, BaseException):
             return  # the transaction failed: the load rolls it back
-        self.conn.execute(
-            sql.SQL("ROLLBACK TO SAVEPOINT {0}; RELEASE SAVEPOINT {0}").format(_SAVEPOINT)
-        )
+        _checksum.undo_settings(self.conn, _SAVEPOINT)
 
 
 def _ended(why: str) -> BaseException:
