@@ -45,6 +45,7 @@ demo: $(STAMP) postgres
 lint: $(STAMP)
 	$(BIN)/ruff check airflow_copyman tests example_dags bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: $(STAMP) postgres lint
 	$(BIN)/pytest
