@@ -36,6 +36,17 @@ def versions(db: Database, table: str) -> list[tuple[Any, ...]]:
     return db.execute(f"SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid")
 
 
+def wait_for_lock(db: Database, statement: str) -> None:
+    """Until a session of ``db`` waits for a lock in a ``statement`` (the merge's)."""
+    deadline = time.monotonic() + 10
+    while not db.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND starts_with(query, %s)", [statement]
+    ):
+        assert time.monotonic() < deadline, f"the merge's {statement} never waited"
+        time.sleep(0.05)
+
+
 # key_nulls
 
 
@@ -192,13 +203,7 @@ def test_a_key_a_concurrent_writer_inserted_fails_transient_and_a_retry_merges_i
         target=lambda: outcome.append(merge_into(source_db, dest_db, "items", {"table": "items"}))
     )
     loading.start()
-    deadline = time.monotonic() + 10
-    while not dest_db.scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO%'"
-    ):
-        assert time.monotonic() < deadline, "the merge never waited for the writer's key"
-        time.sleep(0.05)
+    wait_for_lock(dest_db, "INSERT")
     writer.commit()
     writer.close()
     loading.join(30)
@@ -212,6 +217,36 @@ def test_a_key_a_concurrent_writer_inserted_fails_transient_and_a_retry_merges_i
     (retried,) = merge_into(source_db, dest_db, "items", {"table": "items"}).destinations
     assert (retried.status, retried.inserted, retried.updated) == ("loaded", 4, 1), retried
     assert dest_db.scalar("SELECT count(*) FROM items WHERE v = 'new'") == 5
+
+
+def test_a_deadlock_with_a_concurrent_writer_fails_transient(
+    pair: tuple[Database, Database],
+) -> None:
+    source_db, dest_db = pair
+    source_db.execute("CREATE TABLE items (id int, v text); "
+                      "INSERT INTO items VALUES (1, 'new'), (2, 'new')")
+    # The merge's session looks for the deadlock after 1 s (the default), the writer's only
+    # after 60 s: the merge is the one the server aborts.
+    dest_db.execute("CREATE TABLE items (id int PRIMARY KEY, v text);"
+                    "INSERT INTO items VALUES (1, 'old'), (2, 'old')")
+    writer = dest_db.connect()
+    writer.execute("SET deadlock_timeout = '60s'")
+    writer.execute("UPDATE items SET v = 'theirs' WHERE id = 2")  # holds row 2
+    outcome: list[load.TransferReport] = []
+    loading = threading.Thread(target=lambda: outcome.append(
+        merge_into(source_db, dest_db, "SELECT * FROM items ORDER BY id", {"table": "items"})
+    ))
+    loading.start()
+    wait_for_lock(dest_db, "UPDATE")  # the merge holds row 1, waits for row 2
+    writer.execute("UPDATE items SET v = 'theirs' WHERE id = 1")  # waits for the merge
+    writer.commit()
+    writer.close()
+    loading.join(30)
+    (result,) = outcome[0].destinations
+    assert (result.status, result.permanent) == ("failed", False), result
+    assert "MergeConflictError" in (result.error or "") and "deadlock" in (result.error or "")
+    assert "a retry merges it" in (result.error or "")
+    assert dest_db.execute("SELECT v FROM items ORDER BY id") == [("theirs",), ("theirs",)]
 
 
 def test_another_unique_column_violated_stays_permanent(pair: tuple[Database, Database]) -> None:

@@ -297,5 +297,6 @@ def _exact(send: sql.Identifier | None, alias: str, column: str) -> sql.Composab
 
 def _detail(exc: psycopg.Error) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    detail = (exc.diag.message_detail or "").strip().rstrip(".")
+    # One line: the failure is described by its first line.
+    detail = " ".join((exc.diag.message_detail or "").split()).rstrip(".")
     return f"{text}: {detail}" if detail else text
