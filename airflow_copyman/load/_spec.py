@@ -280,7 +280,8 @@ class DestinationResult:
     try_number: int | None = None
     seconds: float | None = None
     mode: str = "append"
-    #: Merge only: rows of the source whose key was new (inserted) or found (updated).
+    #: Merge only: rows of the source whose key was new (inserted), or found with other values
+    #: (updated; a found row whose values are the same is left as it is).
     inserted: int | None = None
     updated: int | None = None
     #: The table as its server names it (for asset URIs), once connected.
