@@ -30,6 +30,7 @@ from typing import Any
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
 from airflow_copyman.load._ledger import Entry, Extras, Ledger, TaskKey
+from airflow_copyman.load._merge import MergeConflictError, NullKeyError
 from airflow_copyman.load._mode import Mode
 from airflow_copyman.load._plan import Params
 from airflow_copyman.load._run import Endpoints, Transfer
@@ -58,7 +59,9 @@ __all__ = [
     "Extras",
     "Ledger",
     "LoadError",
+    "MergeConflictError",
     "Mode",
+    "NullKeyError",
     "Status",
     "TaskKey",
     "TooFewRowsError",

@@ -59,13 +59,15 @@ class Committing(Verifying):
                 self._rollback(target)
                 continue
             complete.append(target)
-        # verify="checksum": before the merge applies, the postoperator runs, the ledger row.
-        for target in self._verify(complete):
+        # The mode's end first (the merge applies): verify="checksum" reads what it wrote.
+        finished = [t for t in complete if self._finish(t)]
+        # verify="checksum": before the postoperator runs, before the ledger row.
+        for target in self._verify(finished):
             conn, receiver = target.conn, target.receiver
             assert conn is not None and receiver is not None and target.table is not None
             rows, nbytes = receiver.server_rows, receiver.bytes
             assert rows is not None
-            if not self._finish(target, rows):
+            if not self._postoperate(target):
                 continue
             try:
                 if self.ledger is not None and target.ledger_schema is not None:
@@ -124,19 +126,30 @@ class Committing(Verifying):
                 continue
             self._committed(target)
 
-    def _finish(self, target: Target, rows: int) -> bool:
-        """After the COPY, in the load transaction: the mode's end (the merge), then the
-        postoperator. False (rolled back) if either fails."""
-        conn, mode = target.conn, target.mode
-        assert conn is not None and mode is not None
-        doing = f"applying the {mode.name}"
+    def _finish(self, target: Target) -> bool:
+        """After the COPY, in the load transaction: the mode's end (the merge). False
+        (rolled back) if it fails."""
+        conn, mode, receiver = target.conn, target.mode, target.receiver
+        assert conn is not None and mode is not None and receiver is not None
+        assert receiver.server_rows is not None  # a complete COPY
         try:
-            mode.finish(conn, rows)
-            doing = "running the postoperator"
+            mode.finish(conn, receiver.server_rows)
+        except (psycopg.Error, copyman.Cancelled, LoadError) as exc:
+            self._fail(target, exc, f"applying the {mode.name}")
+            self._rollback(target)
+            return False
+        return True
+
+    def _postoperate(self, target: Target) -> bool:
+        """After the mode's end and the checksum: the postoperator. False (rolled back) if
+        it fails."""
+        conn = target.conn
+        assert conn is not None
+        try:
             for statement in target.spec.post_statements:
                 conn.execute(statement)  # type: ignore[call-overload]
-        except (psycopg.Error, copyman.Cancelled, LoadError) as exc:
-            self._fail(target, exc, doing)
+        except (psycopg.Error, copyman.Cancelled) as exc:
+            self._fail(target, exc, "running the postoperator")
             self._rollback(target)
             return False
         return True

@@ -33,7 +33,10 @@ class Copying(State):
         doing = "creating the table"
         try:
             if target.create:
-                conn.execute(_create.statement(target.table, target.planned, mode.key or None))
+                conn.execute(_create.statement(
+                    target.table, target.planned, mode.key or None,
+                    nulls_match=target.spec.key_nulls == "match",
+                ))
             if self.verify == "checksum" and not _verifying.streams(self, target):
                 doing = "describing the columns for the checksum"
                 _verifying.take_renderings(target)

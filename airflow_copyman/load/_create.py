@@ -3,7 +3,8 @@
 The table gets the source query's result columns with their exact types (type modifiers
 included; domains as their base type, as the query's row description gives them), in the
 load transaction: a load that fails leaves no table behind. With ``mode="merge"`` its key
-becomes the primary key. The schema must exist: a typo in a schema name is an error, not a
+becomes the primary key (``key_nulls="match"``: ``UNIQUE NULLS NOT DISTINCT``, as a primary
+key forbids NULLs). The schema must exist: a typo in a schema name is an error, not a
 new schema.
 """
 
@@ -52,16 +53,21 @@ def check(conn: psycopg.Connection[Any], table: _plan.TableName) -> str | None:
 
 
 def statement(
-    table: _plan.TableName, columns: Sequence[_plan.Column], key: Sequence[str] | None
+    table: _plan.TableName,
+    columns: Sequence[_plan.Column],
+    key: Sequence[str] | None,
+    nulls_match: bool = False,
 ) -> sql.Composed:
-    """``CREATE TABLE`` with the columns' exact types (and the key as primary key)."""
+    """``CREATE TABLE`` with the columns' exact types (and the key as primary key, or as a
+    unique key whose NULLs are equal when ``nulls_match``)."""
     parts: list[sql.Composable] = [
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type_sql or c.type_name))
         for c in columns
     ]
     if key:
+        constraint = "UNIQUE NULLS NOT DISTINCT ({})" if nulls_match else "PRIMARY KEY ({})"
         parts.append(
-            sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, key)))
+            sql.SQL(constraint).format(sql.SQL(", ").join(map(sql.Identifier, key)))
         )
     return sql.SQL("CREATE TABLE {} ({})").format(table.identifier, sql.SQL(", ").join(parts))
 

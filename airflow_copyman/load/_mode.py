@@ -3,8 +3,9 @@
 Each mode is a small class (:mod:`._append`, :mod:`._replace`, :mod:`._merge`) with the same
 steps, all run in the destination's one load transaction: :meth:`Mode.check` while planning
 (nothing written yet), :meth:`Mode.begin` before the COPY, :meth:`Mode.copy_in` the COPY
-statement, :meth:`Mode.finish` after the COPY (before the postoperator, the ledger row and
-the commit), and :meth:`Mode.written`: the rows this transaction wrote, for verification.
+statement, :meth:`Mode.finish` after the COPY (before the checksum, the postoperator, the
+ledger row and the commit), and :meth:`Mode.written`: the rows this transaction wrote, for
+verification (read after :meth:`Mode.finish`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Mode:
     def written(
         self, conn: psycopg.Connection[Any]
     ) -> tuple[sql.Composable, sql.Composable | None]:
-        """The relation and the condition (None: all its rows) that select the rows this
-        transaction wrote, for the checksum of what landed: here the rows it inserted (the
+        """The relation (read as ``r``) and the condition (None: all its rows) that select the
+        rows this transaction wrote, for the checksum of what landed: here the rows it inserted (the
         COPY runs in the top-level transaction, so they carry its xid)."""
         return self.table.identifier, _checksum.this_transaction(conn)

@@ -21,5 +21,5 @@ def mode_for(spec: Destination, table: _plan.TableName) -> Mode:
         key = _plan.parse_columns(spec.key, "'key'")
         if not key:
             raise ConfigError("mode='merge' needs 'key' (the key's column names)")
-        return Merge(table, key)
+        return Merge(table, key, spec.key_nulls)
     raise ConfigError(f"unknown mode {spec.mode!r}")  # pragma: no cover - checked before

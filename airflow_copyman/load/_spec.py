@@ -18,12 +18,13 @@ from airflow_copyman.load._relation import Relation
 DESTINATION_KEYS = frozenset(
     {
         "conn_id", "table", "columns", "truncate", "preoperator", "postoperator", "mode",
-        "replace_with", "key", "create",
+        "replace_with", "key", "create", "key_nulls",
     }
 )
 MODES = ("append", "replace", "merge")
 REPLACE_WITH = ("truncate", "delete")
 CREATE = ("never", "if_missing")
+KEY_NULLS = ("refuse", "match")
 
 Status = Literal["pending", "loaded", "already_loaded", "failed"]
 
@@ -71,6 +72,9 @@ class Destination:
     :param key: the merge key: column names.
     :param create: ``never`` (default) or ``if_missing``: create the table from the source's
         result columns in the load's transaction (its schema must exist).
+    :param key_nulls: merge only: ``refuse`` (default: a source row with a NULL in a key
+        column fails the destination, permanently) or ``match`` (NULL keys match as equal,
+        ``IS NOT DISTINCT FROM``).
 
     In an operator's ``destinations``, every string field is templated, as in a mapping.
     """
@@ -85,6 +89,7 @@ class Destination:
     replace_with: str = "truncate"
     key: tuple[str, ...] | None = None
     create: str = "never"
+    key_nulls: str = "refuse"
 
     def __post_init__(self) -> None:
         # A string is one statement (or the statements it holds), never its characters.
@@ -124,6 +129,7 @@ class Destination:
             "replace_with": self.replace_with,
             "key": list(self.key) if self.key is not None else None,
             "create": self.create,
+            "key_nulls": self.key_nulls,
         }
 
     def rendered(self, render: Callable[[Any], Any]) -> Destination:
@@ -176,6 +182,7 @@ class Destination:
             mode = _choice(value.get("mode"), "'mode'", MODES, later)
             replace_with = _choice(value.get("replace_with"), "'replace_with'", REPLACE_WITH, later)
             create = _choice(value.get("create"), "'create'", CREATE, later)
+            key_nulls = _choice(value.get("key_nulls"), "'key_nulls'", KEY_NULLS, later)
         except (_arguments.ArgumentError, _plan.PlanError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         known = not any(later(v) for v in (mode, truncate))
@@ -187,6 +194,8 @@ class Destination:
             raise ConfigError(f"{where}: mode='merge' needs 'key' (the key's column names)")
         if not later(mode) and mode != "merge" and key is not None:
             raise ConfigError(f"{where}: 'key' is for mode='merge', not mode={mode or 'append'!r}")
+        if not later(mode) and mode != "merge" and key_nulls not in (None, "refuse"):
+            raise ConfigError(f"{where}: 'key_nulls' is for mode='merge'")
         if (
             not later(mode) and replace_with == "delete"
             and mode != "replace" and not (mode is None and truncate is True)
@@ -205,6 +214,7 @@ class Destination:
             replace_with=replace_with or "truncate",
             key=key,
             create=create or "never",
+            key_nulls=key_nulls or "refuse",
         )
 
     @property
@@ -270,7 +280,8 @@ class DestinationResult:
     try_number: int | None = None
     seconds: float | None = None
     mode: str = "append"
-    #: Merge only: rows of the source whose key was new (inserted) or found (updated).
+    #: Merge only: rows of the source whose key was new (inserted), or found with other values
+    #: (updated; a found row whose values are the same is left as it is).
     inserted: int | None = None
     updated: int | None = None
     #: The table as its server names it (for asset URIs), once connected.

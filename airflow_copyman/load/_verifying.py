@@ -1,5 +1,6 @@
-"""``verify="checksum"``: after a complete COPY, before the mode's end, the postoperator, the
-ledger row and the commit, compare what the source sent with what each destination wrote.
+"""``verify="checksum"``: after a complete COPY and the mode's end (a merge has applied), before
+the postoperator, the ledger row and the commit, compare what the source sent with what each
+destination wrote (for a merge: the target's rows whose key was staged).
 A destination whose rows differ fails (permanently) and rolls back; the others go on.
 
 Two ways, per destination:
@@ -148,7 +149,8 @@ def take_renderings(target: Target) -> None:
 def take_baseline(state: State, target: Target) -> None:
     """After a preoperator, before the COPY: the checksum of the rows the mode's scope holds
     already (rows the preoperator wrote), subtracted from the one taken after the COPY,
-    the same way. A merge's scope is its own staging table: nothing to subtract."""
+    the same way. A merge's scope is the target's rows whose key was staged, read after the
+    merge applied them: nothing to subtract."""
     conn, mode = target.conn, target.mode
     assert conn is not None and mode is not None and target.columns is not None
     if mode.name == "merge":

@@ -74,9 +74,9 @@ class CopyManOperator(BaseOperator):
         (SQL: ``schema.table``, quoted where needed) and optionally ``columns`` (the
         table's columns to fill, in the source's column order: plain names, exactly as the
         table spells them), ``mode`` (``append``, ``replace`` with ``replace_with``
-        ``truncate``/``delete``, ``merge`` with ``key``), ``create`` (``if_missing``),
-        ``truncate`` (shorthand for ``mode="replace"``), ``preoperator`` and
-        ``postoperator`` (SQL, or a list of SQL, run before / after the COPY): all in the
+        ``truncate``/``delete``, ``merge`` with ``key`` and ``key_nulls``), ``create``
+        (``if_missing``), ``truncate`` (shorthand for ``mode="replace"``), ``preoperator``
+        and ``postoperator`` (SQL, or a list of SQL, run before / after the COPY): all in the
         load's one transaction, with its ledger row (see
         :class:`airflow_copyman.load.Destination`). (templated)
     :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every

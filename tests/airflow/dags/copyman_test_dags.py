@@ -363,3 +363,33 @@ def _extras_dag(name: str, **options: Any) -> DAG:
 extras_ledger_dag = _extras_dag("ledger")
 extras_old_ledger_dag = _extras_dag("old_ledger", ledger_schema="old")
 extras_store_dag = _extras_dag("store", ledger=False)
+
+
+# Merge keys with NULLs (issue 15): refused by default (the task fails on its first try,
+# the other destination commits); matched as equal with a templated key_nulls="match".
+with DAG(
+    "copyman_test_key_nulls",
+    schedule=None,
+    start_date=START,
+    default_args=DEFAULTS,
+    params={"nulls": "match"},
+) as key_nulls_dag:
+    CopyManOperator(
+        task_id="nulls_matched",
+        source_conn_id="pg_src",
+        sql="items",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "items", "mode": "merge", "key": ["id"],
+             "key_nulls": "{{ params.nulls }}"},
+        ],
+        verify="checksum",
+    )
+    CopyManOperator(
+        task_id="nulls_refused",
+        source_conn_id="pg_src",
+        sql="items",
+        destinations=[
+            {"conn_id": "pg_d1", "table": "refused", "mode": "merge", "key": ["id"]},
+            {"conn_id": "pg_d2", "table": "items"},
+        ],
+    )
