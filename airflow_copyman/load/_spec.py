@@ -18,7 +18,7 @@ from airflow_copyman.load._relation import Relation
 DESTINATION_KEYS = frozenset(
     {
         "conn_id", "table", "columns", "truncate", "preoperator", "postoperator", "mode",
-        "replace_with", "key", "create",
+        "replace_with", "key", "create", "cascade",
     }
 )
 MODES = ("append", "replace", "merge")
@@ -71,6 +71,9 @@ class Destination:
     :param key: the merge key: column names.
     :param create: ``never`` (default) or ``if_missing``: create the table from the source's
         result columns in the load's transaction (its schema must exist).
+    :param cascade: ``mode="replace"`` into a table other tables reference by foreign keys:
+        replace anyway, and let it reach them (TRUNCATE ... CASCADE empties them; DELETE
+        applies each key's ON DELETE action). Default False: such a table is refused.
 
     In an operator's ``destinations``, every string field is templated, as in a mapping.
     """
@@ -85,6 +88,7 @@ class Destination:
     replace_with: str = "truncate"
     key: tuple[str, ...] | None = None
     create: str = "never"
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         # A string is one statement (or the statements it holds), never its characters.
@@ -124,6 +128,7 @@ class Destination:
             "replace_with": self.replace_with,
             "key": list(self.key) if self.key is not None else None,
             "create": self.create,
+            "cascade": self.cascade,
         }
 
     def rendered(self, render: Callable[[Any], Any]) -> Destination:
@@ -176,6 +181,9 @@ class Destination:
             mode = _choice(value.get("mode"), "'mode'", MODES, later)
             replace_with = _choice(value.get("replace_with"), "'replace_with'", REPLACE_WITH, later)
             create = _choice(value.get("create"), "'create'", CREATE, later)
+            cascade = value.get("cascade", False)
+            if not later(cascade):
+                cascade = _arguments.boolean("'cascade'", cascade)
         except (_arguments.ArgumentError, _plan.PlanError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         known = not any(later(v) for v in (mode, truncate))
@@ -192,6 +200,11 @@ class Destination:
             and mode != "replace" and not (mode is None and truncate is True)
         ):
             raise ConfigError(f"{where}: 'replace_with' is for mode='replace'")
+        if (
+            not later(mode) and cascade is True
+            and mode != "replace" and not (mode is None and truncate is True)
+        ):
+            raise ConfigError(f"{where}: 'cascade' is for mode='replace'")
         if mode is None:
             mode = "replace" if truncate is True else "append"
         return cls(
@@ -205,6 +218,7 @@ class Destination:
             replace_with=replace_with or "truncate",
             key=key,
             create=create or "never",
+            cascade=cascade,
         )
 
     @property

@@ -74,7 +74,8 @@ class CopyManOperator(BaseOperator):
         (SQL: ``schema.table``, quoted where needed) and optionally ``columns`` (the
         table's columns to fill, in the source's column order: plain names, exactly as the
         table spells them), ``mode`` (``append``, ``replace`` with ``replace_with``
-        ``truncate``/``delete``, ``merge`` with ``key``), ``create`` (``if_missing``),
+        ``truncate``/``delete`` and ``cascade``, ``merge`` with ``key``), ``create``
+        (``if_missing``),
         ``truncate`` (shorthand for ``mode="replace"``), ``preoperator`` and
         ``postoperator`` (SQL, or a list of SQL, run before / after the COPY): all in the
         load's one transaction, with its ledger row (see
