@@ -8,7 +8,10 @@ Airflow API unreachable) leaves a ledger row behind it, and the next try skips t
 destination instead of loading it twice. ``task_state_store`` mirrors the ledger for
 observability and is the only record when the ledger is turned off.
 
-A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table). Its
+A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table), the table
+as its server resolved it (``quote_ident(schema).quote_ident(name)``: ``public.orders``
+whether a try spells it ``orders``, ``public.orders`` or ``"public"."orders"``); rows of
+earlier versions, keyed by the spelling, are still found by it. Its
 ``lineage`` says which series of tries wrote it: retries of a task share one lineage, a
 manual clear (or a re-created DAG run) starts a new one, and a new lineage loads every
 destination again, as Airflow users expect from a re-run. The insert checks the lineage
@@ -63,9 +66,6 @@ CREATE TABLE IF NOT EXISTS {table} (
 #: ledger, and block all of them behind itself); such a table records no extras, and reads
 #: them as NULL (through ``to_jsonb`` of the row, which has whatever columns the table has).
 EXTRAS = ("inserted", "updated", "checksum")
-
-_KEY = "dag_id = %s AND task_id = %s AND run_id = %s AND map_index = %s AND conn_id = %s " \
-    "AND destination = %s"
 
 
 @dataclass(frozen=True)
@@ -148,17 +148,21 @@ class Ledger:
         return [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, destination]
 
     def lookup(
-        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
+        spelling: str | None = None,
     ) -> Entry | None:
         """This destination's row if it counts as loaded for this lineage. Ends the
-        transaction it opens (the load gets a fresh one)."""
+        transaction it opens (the load gets a fresh one). ``destination``: the table as
+        its server resolved it; ``spelling``: as the destination spells it, the key of
+        rows written by earlier versions."""
         try:
-            return self.read(conn, schema, conn_id, destination)
+            return self.read(conn, schema, conn_id, destination, spelling)
         finally:
             conn.rollback()
 
     def read(
-        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
+        spelling: str | None = None,
     ) -> Entry | None:
         """Like :meth:`lookup`, in the current transaction (which it leaves open)."""
         exists = conn.execute(
@@ -166,20 +170,25 @@ class Ledger:
         ).fetchone()
         if not exists or not exists[0]:
             return None
-        row = conn.execute(
+        keys = [destination] if spelling in (None, destination) else [destination, spelling]
+        k = self.key
+        rows = conn.execute(
             sql.SQL(
                 "SELECT lineage, try_number, rows, bytes, (to_jsonb(l) ->> 'inserted')::bigint,"
                 " (to_jsonb(l) ->> 'updated')::bigint, to_jsonb(l) ->> 'checksum'"
-                " FROM {} AS l WHERE " + _KEY
+                " FROM {} AS l WHERE dag_id = %s AND task_id = %s AND run_id = %s"
+                " AND map_index = %s AND conn_id = %s AND destination = ANY(%s)"
+                # The resolved table's row first, then one an earlier version keyed by
+                # the spelling.
+                " ORDER BY destination = %s DESC"
             ).format(sql.Identifier(schema, TABLE)),
-            self._key_params(conn_id, destination),
-        ).fetchone()
-        if row is None:
-            return None
-        entry = Entry(*row)
-        if entry.lineage != self.key.lineage and not self.resume_on_clear:
-            return None
-        return entry
+            [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, keys, destination],
+        ).fetchall()
+        for row in rows:
+            entry = Entry(*row)
+            if entry.lineage == self.key.lineage or self.resume_on_clear:
+                return entry
+        return None
 
     def claim(self, conn: psycopg.Connection[Any], conn_id: str, destination: str) -> None:
         """Own this destination's load until the current transaction ends: a

@@ -67,6 +67,15 @@ class Target:
     def label(self) -> str:
         return self.spec.label
 
+    @property
+    def table_key(self) -> str:
+        """The table as the ledger knows it: as its server resolved it once connected
+        (``public.orders``, however the destination spells it), else as spelled."""
+        relation = self.result.relation
+        if relation is not None and relation.key is not None:
+            return relation.key
+        return str(self.table)
+
 
 class State:
     """What every phase of a load reads and writes, and its bookkeeping."""
