@@ -53,6 +53,15 @@ class LedgerSteps(State):
             len(self._pending()),
         )
 
+    def _check_loaded_before(self) -> None:
+        """Without a ledger: skip what an earlier try recorded elsewhere, asked by the table
+        as its server resolved it (a try that spelled it otherwise loaded it)."""
+        assert self.loaded_before is not None
+        for target in self._pending():
+            entry = self.loaded_before(target.result)
+            if entry is not None:
+                self._already_loaded(target, entry)
+
     def _prepare_ledger(self) -> None:
         assert self.ledger is not None
         errors = []

@@ -95,6 +95,9 @@ class State:
     bounds: _bounded.Bounds
     ledger: Ledger | None
     on_commit: Callable[[DestinationResult], None] | None
+    #: Without a ledger: an earlier try's record of a destination (the operator's
+    #: task_state_store), asked once its table is resolved (``result.relation``).
+    loaded_before: Callable[[DestinationResult], Entry | None] | None
     progress_interval: float
     receiver_timeout: float
     targets: list[Target]

@@ -34,7 +34,7 @@ from airflow_copyman._outcome import (
 )
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 from airflow_copyman.load import _arguments, _plan
-from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
 from airflow_copyman.load._relation import Relation
 
 if TYPE_CHECKING:
@@ -264,6 +264,8 @@ class CopyManOperator(BaseOperator):
                     format=self.format,
                     ledger=ledger,
                     on_commit=lambda result: state.record(result, ti.try_number),
+                    # Without a ledger: the record by the table the server resolved.
+                    loaded_before=state.loaded_as if ledger is None else None,
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
                     min_rows=self.min_rows,
@@ -393,6 +395,8 @@ class _StateMirror:
         self._write()
 
     def loaded(self, spec: Destination) -> DestinationResult | None:
+        """Before connecting: the record of ``spec`` as spelled (records of earlier
+        versions, and of a try that spelled it alike)."""
         entry = (self.record_.get("destinations") or {}).get(spec.label)
         if not isinstance(entry, dict):
             return None
@@ -411,8 +415,20 @@ class _StateMirror:
             checksum=entry.get("checksum"),
         )
 
+    def loaded_as(self, result: DestinationResult) -> Entry | None:
+        """Once connected: the record of the table as its server resolved it, however an
+        earlier try spelled it."""
+        entry = (self.record_.get("destinations") or {}).get(_key_of(result))
+        if not isinstance(entry, dict):
+            return None
+        return Entry(
+            self.lineage, entry.get("try_number") or 0, entry.get("rows") or 0,
+            entry.get("bytes") or 0, entry.get("inserted"), entry.get("updated"),
+            entry.get("checksum"),
+        )
+
     def record(self, result: DestinationResult, try_number: int) -> None:
-        self.record_.setdefault("destinations", {})[result.label] = {
+        self.record_.setdefault("destinations", {})[_key_of(result)] = {
             "rows": result.rows,
             "bytes": result.bytes,
             "try_number": result.try_number or try_number,
@@ -427,8 +443,11 @@ class _StateMirror:
         but the store missed: a try died between a commit and its bookkeeping)."""
         destinations = self.record_.setdefault("destinations", {})
         for result in report.destinations:
-            if result.status in ("loaded", "already_loaded") and result.label not in destinations:
-                destinations[result.label] = {
+            key = _key_of(result)
+            if result.status in ("loaded", "already_loaded") and not (
+                key in destinations or result.label in destinations
+            ):
+                destinations[key] = {
                     "rows": result.rows,
                     "bytes": result.bytes,
                     "try_number": result.try_number or try_number,
@@ -446,6 +465,15 @@ class _StateMirror:
     def _write(self) -> None:
         if self.store is not None:
             self.store.set(STATE_KEY, self.record_)
+
+
+def _key_of(result: DestinationResult) -> str:
+    """A destination's key in the record: its connection and its table as the server
+    resolved it (``pg_wh:public.orders``), else as spelled (records of earlier versions)."""
+    relation = result.relation
+    if relation is not None and relation.key is not None:
+        return f"{result.conn_id}:{relation.key}"
+    return result.label
 
 
 def _measured(result: DestinationResult) -> dict[str, Any]:
