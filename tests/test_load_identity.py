@@ -69,7 +69,9 @@ def test_a_retry_spelling_the_table_otherwise_is_already_loaded(pair: Pair) -> N
         assert (result.status, result.try_number) == ("already_loaded", 1), (spelling, result)
     assert pair.dst("SELECT count(*) FROM ledt") == [(2,)]
     # One row, keyed by the table as the server names it.
-    assert pair.dst("SELECT destination, try_number FROM copyman_ledger") == [("public.ledt", 1)]
+    assert pair.dst(
+        "SELECT destination, try_number, table_oid = 'ledt'::regclass FROM copyman_ledger"
+    ) == [("public.ledt", 1, True)]
 
 
 def test_a_ledger_row_of_an_earlier_version_keyed_by_the_spelling_is_still_found(
@@ -119,5 +121,12 @@ def test_two_new_tables_of_one_name_in_two_schemas_both_load(pair: Pair) -> None
     report = pair.run(
         load.Destination("wh", "newt", create="if_missing"),
         load.Destination("wh2", "other.newt", create="if_missing"),
+        ledger=_ledger(1),
     )
     assert [d.status for d in report.destinations] == ["loaded", "loaded"]
+    # Each ledger row names its table as created, and its OID (taken once it existed).
+    for schema in ("public", "other"):
+        assert pair.dst(
+            f"SELECT destination, table_oid = '{schema}.newt'::regclass "
+            f"FROM {schema}.copyman_ledger"
+        ) == [(f"{schema}.newt", True)]

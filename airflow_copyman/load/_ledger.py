@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     inserted    bigint,
     updated     bigint,
     checksum    text,
+    table_oid   oid,
     PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
 )
 """
@@ -66,6 +67,9 @@ CREATE TABLE IF NOT EXISTS {table} (
 #: ledger, and block all of them behind itself); such a table records no extras, and reads
 #: them as NULL (through ``to_jsonb`` of the row, which has whatever columns the table has).
 EXTRAS = ("inserted", "updated", "checksum")
+#: The destination table's OID, beside the name it is keyed by: in ledger tables created
+#: from this version on (earlier ones are never altered, as for EXTRAS).
+OID_COLUMN = "table_oid"
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class Ledger:
         self.schema = schema
         self.key = key
         self.resume_on_clear = resume_on_clear
+        #: schema -> whether its ledger table has OID_COLUMN (as ensure_table found it).
+        self._oid_columns: dict[str, bool] = {}
 
     @property
     def name(self) -> str:
@@ -217,8 +223,10 @@ class Ledger:
                     sql.SQL(_CREATE).format(table=sql.Identifier(schema, TABLE))  # type: ignore[arg-type]
                 )
                 has_extras = True
+                self._oid_columns[schema] = True
             else:
                 has_extras = bool(found[0])
+                self._oid_columns[schema] = bool(found[1])
             conn.commit()
             return has_extras
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
@@ -258,6 +266,12 @@ class Ledger:
             extras = extras or Extras()
             columns += EXTRAS
             values += [extras.inserted, extras.updated, extras.checksum]
+        placeholders: list[sql.Composable] = [sql.Placeholder()] * (6 + len(columns))
+        if self._oid_columns.get(schema):
+            # Resolved in the load transaction: a table it created has its OID by now.
+            columns.append(OID_COLUMN)
+            values.append(destination)
+            placeholders.append(sql.SQL("to_regclass({})::oid").format(sql.Placeholder()))
         names = ["dag_id", "task_id", "run_id", "map_index", "conn_id", "destination", *columns]
         result = conn.execute(
             sql.SQL(
@@ -268,7 +282,7 @@ class Ledger:
             ).format(
                 table=sql.Identifier(schema, TABLE),
                 names=sql.SQL(", ").join(map(sql.Identifier, names)),
-                values=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+                values=sql.SQL(", ").join(placeholders),
                 updates=sql.SQL(", ").join(
                     sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns
                 ),
@@ -278,11 +292,13 @@ class Ledger:
         return result is not None
 
 
-#: NULL: no ledger table; else whether it has the columns of EXTRAS (one query: no extra
-#: round trip over the existence check it replaces).
+#: NULL: no ledger table; else whether it has the columns of EXTRAS, and OID_COLUMN (one
+#: query: no extra round trip over the existence check it replaces).
 _HAS_EXTRAS = (
     "SELECT (SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = t.oid"
-    " AND attname IN ('inserted', 'updated', 'checksum') AND NOT attisdropped)"
+    " AND attname IN ('inserted', 'updated', 'checksum') AND NOT attisdropped),"
+    " EXISTS (SELECT FROM pg_attribute WHERE attrelid = t.oid"
+    " AND attname = 'table_oid' AND NOT attisdropped)"
     " FROM (SELECT to_regclass(%s) AS oid) t WHERE t.oid IS NOT NULL"
 )
 
