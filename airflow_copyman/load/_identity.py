@@ -15,8 +15,9 @@ truncated to 63 bytes). Two destinations creating one table would each try to cr
 second waiting behind the first's uncommitted one.
 
 A destination *covers* its table and the tables under it (partitions, inheritance
-children): rows written to a partitioned table land in its partitions, and a TRUNCATE
-reaches the children. The source's tables are those its transaction has locked once its
+children): rows written to a partitioned table land in its partitions, and a replace
+empties them (an inheritance parent's replace keeps its children's rows, but a reader of
+the parent sees both). The source's tables are those its transaction has locked once its
 query is planned: every table the query reads, through views, partitions and inheritance.
 """
 
