@@ -34,7 +34,9 @@ def test_extras_where_the_table_has_them_and_an_old_table_left_as_it_is(
     assert ledger.ensure_table(conn, "public") is True
     assert ledger.ensure_table(conn, "old") is False
     assert _columns(conn, "old") == OLD_LEDGER_COLUMNS
-    assert _columns(conn, "public") == [*OLD_LEDGER_COLUMNS, "inserted", "updated", "checksum"]
+    assert _columns(conn, "public") == [
+        *OLD_LEDGER_COLUMNS, "inserted", "updated", "checksum", "table_oid"
+    ]
 
     measured = Extras(9, 1, "10:copy-binary:42")
     for schema in ("public", "old"):
@@ -55,3 +57,25 @@ def test_extras_where_the_table_has_them_and_an_old_table_left_as_it_is(
     assert cleared.record(conn, "public", "c", "t", 5, 50, has_extras=True)
     conn.commit()
     assert cleared.lookup(conn, "public", "c", "t") == Entry("lineage-2", 2, 5, 50)
+
+
+def test_a_table_with_the_extras_but_no_oid_column_records_the_extras(dbs: Databases) -> None:
+    """The version before the OID column: its extras still recorded, the table unaltered."""
+    conn = dbs.new("ledger")
+    conn.execute(OLD_LEDGER)
+    conn.execute("ALTER TABLE old.copyman_ledger ADD COLUMN inserted bigint, "
+                 "ADD COLUMN updated bigint, ADD COLUMN checksum text")
+    conn.execute("CREATE TABLE t (id int)")
+    conn.commit()
+    ledger = Ledger(None, TaskKey("d", "t", "r", -1, "lineage-1", 1))
+    assert ledger.ensure_table(conn, "old") is True
+    assert ledger.record(conn, "old", "c", "public.t", 1, 10, Extras(1, 0, "1:x"), True)
+    conn.commit()
+    assert ledger.lookup(conn, "old", "c", "public.t") == Entry("lineage-1", 1, 1, 10, 1, 0, "1:x")
+    assert "table_oid" not in _columns(conn, "old")
+    # A table of this version records the destination's OID.
+    assert ledger.ensure_table(conn, "public") is True
+    assert ledger.record(conn, "public", "c", "public.t", 1, 10)
+    conn.commit()
+    row = conn.execute("SELECT table_oid = 'public.t'::regclass FROM copyman_ledger").fetchone()
+    assert row == (True,)

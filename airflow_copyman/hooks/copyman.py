@@ -202,6 +202,7 @@ class CopyManHook(PostgresHook):
         format: str | None = None,
         ledger: Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
+        loaded_before: Callable[[DestinationResult], load.Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         raise_on_failure: bool = True,
@@ -216,7 +217,9 @@ class CopyManHook(PostgresHook):
         every row (the servers' COPY counts agree). A destination that fails is rolled
         back and reported; the others go on and commit. With a ``ledger``, destinations it
         records as loaded (for this lineage) are skipped, and each commit records itself
-        atomically with its data.
+        atomically with its data. Without one, ``loaded_before`` (if given) is asked for
+        each destination once its table is resolved (``result.relation``): an
+        :class:`~airflow_copyman.load.Entry` skips it as loaded by an earlier try.
 
         Every wait is bounded: connecting by the connection's ``connect_timeout`` (default
         :data:`CONNECT_TIMEOUT`), every statement and the copy by ``receiver_timeout``.
@@ -236,6 +239,7 @@ class CopyManHook(PostgresHook):
                 self.endpoint(), sql, destinations,
                 endpoints=lambda conn_id: CopyManHook(conn_id).endpoint(),
                 parameters=parameters, format=format, ledger=ledger, on_commit=on_commit,
+                loaded_before=loaded_before,
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
                 min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,
                 verify=verify, log=self.log,

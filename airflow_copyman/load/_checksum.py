@@ -73,6 +73,20 @@ RENDER_SETTINGS: dict[str, str] = {
 }
 
 
+class Only(sql.Composed):
+    """``ONLY table`` as a relation to read: the table's own rows, not its inheritance
+    children's (a replace into an inheritance parent replaced only its own)."""
+
+    def __init__(self, table: sql.Composable) -> None:
+        super().__init__([sql.SQL("ONLY "), table])
+        self.table = table
+
+
+def table_of(relation: sql.Composable) -> sql.Composable:
+    """The table a relation to read names (``ONLY t``: ``t``), for its catalog look-ups."""
+    return relation.table if isinstance(relation, Only) else relation
+
+
 def this_transaction(conn: psycopg.Connection[Any]) -> sql.Composable:
     """``WHERE`` for an append: the rows ``conn``'s open (top-level) transaction inserted.
 

@@ -71,7 +71,7 @@ class Committing(Verifying):
                 continue
             try:
                 if self.ledger is not None and target.ledger_schema is not None:
-                    schema, label = target.ledger_schema, str(target.table)
+                    schema, label = target.ledger_schema, target.table_key
                     # Known by now: the checksum (_verify), the merge's counts (_finish).
                     mode = target.mode
                     extras = Extras(
@@ -85,7 +85,9 @@ class Committing(Verifying):
                         target.ledger_extras,
                     ):
                         conn.rollback()
-                        entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label)
+                        entry = self.ledger.lookup(
+                            conn, schema, target.spec.conn_id, label, str(target.table)
+                        )
                         self.log.warning(
                             "%s: another try of this task loaded it meanwhile; rolled back "
                             "this copy",

@@ -40,7 +40,7 @@ class Connecting(State):
             try:
                 target.table = _plan.parse_table(spec.table)
                 target.columns = _plan.parse_columns(spec.columns, f"table {spec.table}")
-                target.mode = _modes.mode_for(spec, target.table)
+                target.mode = _modes.mode_for(spec, target.table, self.log)
                 if target.endpoint.problem is not None:
                     raise ConfigError(target.endpoint.problem)
             except (ConfigError, _plan.PlanError) as exc:

@@ -9,9 +9,15 @@ destinations that are one table would load every row twice; a destination that i
 the source reads would double the source (and with ``truncate`` wait forever for the
 source's lock). Both are refused before anything is written.
 
+A table that does not exist yet (``create="if_missing"`` will create it) is identified by
+where ``CREATE TABLE`` would put it: its server, database, schema (by OID) and name (as
+truncated to 63 bytes). Two destinations creating one table would each try to create it, the
+second waiting behind the first's uncommitted one.
+
 A destination *covers* its table and the tables under it (partitions, inheritance
-children): rows written to a partitioned table land in its partitions, and a TRUNCATE
-reaches the children. The source's tables are those its transaction has locked once its
+children): rows written to a partitioned table land in its partitions, and a replace
+empties them (an inheritance parent's replace keeps its children's rows, but a reader of
+the parent sees both). The source's tables are those its transaction has locked once its
 query is planned: every table the query reads, through views, partitions and inheritance.
 """
 
@@ -43,6 +49,15 @@ SELECT {_CLUSTER}, to_regclass(%s)::oid::int8,
        ARRAY(SELECT oid::int8 FROM tree WHERE oid IS NOT NULL)
 """
 
+#: Where CREATE TABLE would put a missing table: its schema's OID (NULL: no such schema,
+#: planning says so) and its name as stored.
+_NEW = f"""
+SELECT {_CLUSTER},
+       (SELECT n.oid::int8 FROM pg_namespace n
+        WHERE n.nspname = coalesce(%s::name, current_schema())),
+       coalesce(%s::name, current_schema())::text, %s::name::text
+"""
+
 _LOCKED = f"""
 SELECT {_CLUSTER},
        ARRAY(SELECT DISTINCT l.relation::int8 FROM pg_locks l
@@ -62,27 +77,46 @@ class Tables:
     cluster: str  # system identifier / postmaster start time
     database: int
     database_name: str
-    table: int | None  # the named table (None for the source's set)
+    table: int | None  # the named table (None for the source's set, or a new table)
     covered: frozenset[int]
+    #: A table to be created: (its schema's OID, its name), and how to name it.
+    new: tuple[int, str] | None = None
+    new_name: str = ""
 
     def overlaps(self, other: Tables) -> bool:
         return (
             self.cluster == other.cluster
             and self.database == other.database
-            and bool(self.covered & other.covered)
+            and (
+                bool(self.covered & other.covered)
+                or (self.new is not None and self.new == other.new)
+            )
         )
 
 
-def destination(conn: psycopg.Connection[Any], regclass_text: str, label: str) -> Tables | None:
-    """The table ``regclass_text`` names at ``conn`` and those under it; None if it does
-    not exist (planning says so)."""
+def destination(
+    conn: psycopg.Connection[Any], regclass_text: str, label: str,
+    create: tuple[str | None, str] | None = None,
+) -> Tables | None:
+    """The table ``regclass_text`` names at ``conn`` and those under it. If it does not
+    exist: with ``create`` (its schema, None for the search_path's first, and its name),
+    the table CREATE TABLE would make; else None (planning says so)."""
     row = conn.execute(_COVERED, [regclass_text, regclass_text]).fetchone()  # type: ignore[arg-type]
     assert row is not None
     system_id, database, database_name, oid, covered = row
-    if oid is None:
+    if oid is not None:
+        return Tables(label, str(system_id), database, database_name, oid, frozenset(covered))
+    if create is None:
+        return None
+    schema, name = create
+    row = conn.execute(_NEW, [schema, schema, name]).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    system_id, database, database_name, schema_oid, schema_name, stored = row
+    if schema_oid is None:
         return None
     return Tables(
-        label, str(system_id), database, database_name, oid, frozenset(covered)
+        label, str(system_id), database, database_name, None, frozenset(),
+        (schema_oid, stored), f"{schema_name}.{stored}",
     )
 
 
@@ -116,4 +150,6 @@ def conflicts(source_tables: Tables | None, destinations: Sequence[Tables]) -> l
 
 
 def _where(tables: Tables) -> str:
+    if tables.new is not None:
+        return f"new table {tables.new_name} in database {tables.database_name!r}"
     return f"table OID {tables.table} in database {tables.database_name!r}"

@@ -8,7 +8,10 @@ Airflow API unreachable) leaves a ledger row behind it, and the next try skips t
 destination instead of loading it twice. ``task_state_store`` mirrors the ledger for
 observability and is the only record when the ledger is turned off.
 
-A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table). Its
+A row's key is (dag_id, task_id, run_id, map_index, conn_id, destination table), the table
+as its server resolved it (``quote_ident(schema).quote_ident(name)``: ``public.orders``
+whether a try spells it ``orders``, ``public.orders`` or ``"public"."orders"``); rows of
+earlier versions, keyed by the spelling, are still found by it. Its
 ``lineage`` says which series of tries wrote it: retries of a task share one lineage, a
 manual clear (or a re-created DAG run) starts a new one, and a new lineage loads every
 destination again, as Airflow users expect from a re-run. The insert checks the lineage
@@ -52,6 +55,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     inserted    bigint,
     updated     bigint,
     checksum    text,
+    table_oid   oid,
     PRIMARY KEY (dag_id, task_id, run_id, map_index, conn_id, destination)
 )
 """
@@ -63,9 +67,9 @@ CREATE TABLE IF NOT EXISTS {table} (
 #: ledger, and block all of them behind itself); such a table records no extras, and reads
 #: them as NULL (through ``to_jsonb`` of the row, which has whatever columns the table has).
 EXTRAS = ("inserted", "updated", "checksum")
-
-_KEY = "dag_id = %s AND task_id = %s AND run_id = %s AND map_index = %s AND conn_id = %s " \
-    "AND destination = %s"
+#: The destination table's OID, beside the name it is keyed by: in ledger tables created
+#: from this version on (earlier ones are never altered, as for EXTRAS).
+OID_COLUMN = "table_oid"
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class Ledger:
         self.schema = schema
         self.key = key
         self.resume_on_clear = resume_on_clear
+        #: schema -> whether its ledger table has OID_COLUMN (as ensure_table found it).
+        self._oid_columns: dict[str, bool] = {}
 
     @property
     def name(self) -> str:
@@ -148,17 +154,21 @@ class Ledger:
         return [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, destination]
 
     def lookup(
-        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
+        spelling: str | None = None,
     ) -> Entry | None:
         """This destination's row if it counts as loaded for this lineage. Ends the
-        transaction it opens (the load gets a fresh one)."""
+        transaction it opens (the load gets a fresh one). ``destination``: the table as
+        its server resolved it; ``spelling``: as the destination spells it, the key of
+        rows written by earlier versions."""
         try:
-            return self.read(conn, schema, conn_id, destination)
+            return self.read(conn, schema, conn_id, destination, spelling)
         finally:
             conn.rollback()
 
     def read(
-        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str
+        self, conn: psycopg.Connection[Any], schema: str, conn_id: str, destination: str,
+        spelling: str | None = None,
     ) -> Entry | None:
         """Like :meth:`lookup`, in the current transaction (which it leaves open)."""
         exists = conn.execute(
@@ -166,20 +176,25 @@ class Ledger:
         ).fetchone()
         if not exists or not exists[0]:
             return None
-        row = conn.execute(
+        keys = [destination] if spelling in (None, destination) else [destination, spelling]
+        k = self.key
+        rows = conn.execute(
             sql.SQL(
                 "SELECT lineage, try_number, rows, bytes, (to_jsonb(l) ->> 'inserted')::bigint,"
                 " (to_jsonb(l) ->> 'updated')::bigint, to_jsonb(l) ->> 'checksum'"
-                " FROM {} AS l WHERE " + _KEY
+                " FROM {} AS l WHERE dag_id = %s AND task_id = %s AND run_id = %s"
+                " AND map_index = %s AND conn_id = %s AND destination = ANY(%s)"
+                # The resolved table's row first, then one an earlier version keyed by
+                # the spelling.
+                " ORDER BY destination = %s DESC"
             ).format(sql.Identifier(schema, TABLE)),
-            self._key_params(conn_id, destination),
-        ).fetchone()
-        if row is None:
-            return None
-        entry = Entry(*row)
-        if entry.lineage != self.key.lineage and not self.resume_on_clear:
-            return None
-        return entry
+            [k.dag_id, k.task_id, k.run_id, k.map_index, conn_id, keys, destination],
+        ).fetchall()
+        for row in rows:
+            entry = Entry(*row)
+            if entry.lineage == self.key.lineage or self.resume_on_clear:
+                return entry
+        return None
 
     def claim(self, conn: psycopg.Connection[Any], conn_id: str, destination: str) -> None:
         """Own this destination's load until the current transaction ends: a
@@ -208,8 +223,10 @@ class Ledger:
                     sql.SQL(_CREATE).format(table=sql.Identifier(schema, TABLE))  # type: ignore[arg-type]
                 )
                 has_extras = True
+                self._oid_columns[schema] = True
             else:
                 has_extras = bool(found[0])
+                self._oid_columns[schema] = bool(found[1])
             conn.commit()
             return has_extras
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
@@ -249,6 +266,12 @@ class Ledger:
             extras = extras or Extras()
             columns += EXTRAS
             values += [extras.inserted, extras.updated, extras.checksum]
+        placeholders: list[sql.Composable] = [sql.Placeholder()] * (6 + len(columns))
+        if self._oid_columns.get(schema):
+            # Resolved in the load transaction: a table it created has its OID by now.
+            columns.append(OID_COLUMN)
+            values.append(destination)
+            placeholders.append(sql.SQL("to_regclass({})::oid").format(sql.Placeholder()))
         names = ["dag_id", "task_id", "run_id", "map_index", "conn_id", "destination", *columns]
         result = conn.execute(
             sql.SQL(
@@ -259,7 +282,7 @@ class Ledger:
             ).format(
                 table=sql.Identifier(schema, TABLE),
                 names=sql.SQL(", ").join(map(sql.Identifier, names)),
-                values=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+                values=sql.SQL(", ").join(placeholders),
                 updates=sql.SQL(", ").join(
                     sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns
                 ),
@@ -269,11 +292,13 @@ class Ledger:
         return result is not None
 
 
-#: NULL: no ledger table; else whether it has the columns of EXTRAS (one query: no extra
-#: round trip over the existence check it replaces).
+#: NULL: no ledger table; else whether it has the columns of EXTRAS, and OID_COLUMN (one
+#: query: no extra round trip over the existence check it replaces).
 _HAS_EXTRAS = (
     "SELECT (SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = t.oid"
-    " AND attname IN ('inserted', 'updated', 'checksum') AND NOT attisdropped)"
+    " AND attname IN ('inserted', 'updated', 'checksum') AND NOT attisdropped),"
+    " EXISTS (SELECT FROM pg_attribute WHERE attrelid = t.oid"
+    " AND attname = 'table_oid' AND NOT attisdropped)"
     " FROM (SELECT to_regclass(%s) AS oid) t WHERE t.oid IS NOT NULL"
 )
 

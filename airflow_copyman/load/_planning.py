@@ -185,7 +185,11 @@ class Planning(State):
             label = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
             try:
                 # Left in the transaction planning goes on with (it rolls back after).
-                tables = _identity.destination(conn, target.table.regclass_text, label)
+                # A table create="if_missing" would make is identified by where it goes.
+                create = None
+                if target.spec.create == "if_missing":
+                    create = (target.table.schema, target.table.name)
+                tables = _identity.destination(conn, target.table.regclass_text, label, create)
             except psycopg.Error as exc:
                 self._sort_error(target, exc, label, "identifying the table", errors)
                 continue

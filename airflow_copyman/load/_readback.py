@@ -99,15 +99,16 @@ def query(
     themselves (``numeric_send(n)``'s bytes are the field ``n``'s), and parallel workers
     can do the rendering instead of the one process that writes the COPY. A domain's
     functions are its base type's."""
+    table = _checksum.table_of(relation).as_string(conn)
     rows = conn.execute(
         _FUNCTIONS,  # type: ignore[arg-type]
-        {"relation": relation.as_string(conn)},
+        {"relation": table},
     ).fetchall()
     functions = {name: send if fmt == "binary" else output for name, send, output in rows}
     missing = [c for c in columns if c not in functions]
     if missing:
         raise psycopg.errors.UndefinedColumn(
-            f"{relation.as_string(conn)} has no column {missing[0]!r}"
+            f"{table} has no column {missing[0]!r}"
         )
     rendered = []
     for name in columns:

@@ -12,7 +12,7 @@ No Airflow import: the asset URIs of the Airflow provider are built from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -20,12 +20,17 @@ import psycopg
 from airflow_copyman.load._plan import TableName
 
 _LOCATE = """
-SELECT current_database()::text,
-       coalesce(n.nspname::text, %(schema)s::text, current_schema()::text),
-       coalesce(c.relname::text, %(name)s::text)
-FROM (SELECT to_regclass(%(regclass)s)::oid AS oid) r
-LEFT JOIN pg_class c ON c.oid = r.oid
-LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+SELECT current_database()::text, t.schema, t.name,
+       quote_ident(t.schema) || '.' || quote_ident(t.name), t.oid
+FROM (
+    SELECT coalesce(n.nspname::text, %(schema)s::name::text, current_schema()::text) AS schema,
+           -- A name CREATE TABLE would truncate to 63 bytes is known truncated already.
+           coalesce(c.relname::text, %(name)s::name::text) AS name,
+           c.oid::int8 AS oid
+    FROM (SELECT to_regclass(%(regclass)s)::oid AS oid) r
+    LEFT JOIN pg_class c ON c.oid = r.oid
+    LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+) t
 """
 
 
@@ -36,6 +41,11 @@ class Relation:
     database: str
     schema: str
     name: str
+    #: The table's one spelling (``quote_ident(schema).quote_ident(name)``), the key the
+    #: ledger knows it by whichever way a destination spells it; None where not resolved.
+    key: str | None = field(default=None, compare=False)
+    #: Its OID (None: the table does not exist yet, create="if_missing" will make it).
+    oid: int | None = field(default=None, compare=False)
 
     @property
     def parts(self) -> tuple[str, str, str]:
@@ -54,5 +64,5 @@ def locate(conn: psycopg.Connection[Any], table: TableName) -> Relation | None:
     ).fetchone()
     if row is None or row[1] is None:
         return None
-    database, schema, name = row
-    return Relation(database, schema, name)
+    database, schema, name, key, oid = row
+    return Relation(database, schema, name, key, oid)

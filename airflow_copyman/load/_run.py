@@ -28,7 +28,7 @@ from airflow_copyman.load._committing import Committing
 from airflow_copyman.load._connecting import Connecting
 from airflow_copyman.load._copying import Copying
 from airflow_copyman.load._endpoint import Endpoint
-from airflow_copyman.load._ledger import Ledger
+from airflow_copyman.load._ledger import Entry, Ledger
 from airflow_copyman.load._ledgering import LedgerSteps
 from airflow_copyman.load._planning import Planning
 from airflow_copyman.load._reporting import Reporting
@@ -58,6 +58,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         format: str | None = None,
         ledger: Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
+        loaded_before: Callable[[DestinationResult], Entry | None] | None = None,
         progress_interval: float = 5.0,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         min_rows: int = 0,
@@ -98,6 +99,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.bounds = _bounded.Bounds(receiver_timeout)
         self.ledger = ledger
         self.on_commit = on_commit
+        self.loaded_before = loaded_before
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
         self.targets: list[Target] = []
@@ -133,6 +135,8 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             self._locate()
             if self.ledger is not None and self._go_on():
                 self._check_ledger()
+            elif self.loaded_before is not None and self._go_on():
+                self._check_loaded_before()
             if self._go_on():
                 self._plan()
             if self.ledger is not None and self._go_on():

@@ -18,7 +18,7 @@ from airflow_copyman.load._relation import Relation
 DESTINATION_KEYS = frozenset(
     {
         "conn_id", "table", "columns", "truncate", "preoperator", "postoperator", "mode",
-        "replace_with", "key", "create", "key_nulls",
+        "replace_with", "key", "create", "key_nulls", "cascade",
     }
 )
 MODES = ("append", "replace", "merge")
@@ -75,6 +75,9 @@ class Destination:
     :param key_nulls: merge only: ``refuse`` (default: a source row with a NULL in a key
         column fails the destination, permanently) or ``match`` (NULL keys match as equal,
         ``IS NOT DISTINCT FROM``).
+    :param cascade: ``mode="replace"`` into a table other tables reference by foreign keys:
+        replace anyway, and let it reach them (TRUNCATE ... CASCADE empties them; DELETE
+        applies each key's ON DELETE action). Default False: such a table is refused.
 
     In an operator's ``destinations``, every string field is templated, as in a mapping.
     """
@@ -90,6 +93,7 @@ class Destination:
     key: tuple[str, ...] | None = None
     create: str = "never"
     key_nulls: str = "refuse"
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         # A string is one statement (or the statements it holds), never its characters.
@@ -130,6 +134,7 @@ class Destination:
             "key": list(self.key) if self.key is not None else None,
             "create": self.create,
             "key_nulls": self.key_nulls,
+            "cascade": self.cascade,
         }
 
     def rendered(self, render: Callable[[Any], Any]) -> Destination:
@@ -183,6 +188,9 @@ class Destination:
             replace_with = _choice(value.get("replace_with"), "'replace_with'", REPLACE_WITH, later)
             create = _choice(value.get("create"), "'create'", CREATE, later)
             key_nulls = _choice(value.get("key_nulls"), "'key_nulls'", KEY_NULLS, later)
+            cascade = value.get("cascade", False)
+            if not later(cascade):
+                cascade = _arguments.boolean("'cascade'", cascade)
         except (_arguments.ArgumentError, _plan.PlanError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         known = not any(later(v) for v in (mode, truncate))
@@ -201,6 +209,11 @@ class Destination:
             and mode != "replace" and not (mode is None and truncate is True)
         ):
             raise ConfigError(f"{where}: 'replace_with' is for mode='replace'")
+        if (
+            not later(mode) and cascade is True
+            and mode != "replace" and not (mode is None and truncate is True)
+        ):
+            raise ConfigError(f"{where}: 'cascade' is for mode='replace'")
         if mode is None:
             mode = "replace" if truncate is True else "append"
         return cls(
@@ -215,6 +228,7 @@ class Destination:
             key=key,
             create=create or "never",
             key_nulls=key_nulls or "refuse",
+            cascade=cascade,
         )
 
     @property

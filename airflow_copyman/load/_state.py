@@ -67,6 +67,15 @@ class Target:
     def label(self) -> str:
         return self.spec.label
 
+    @property
+    def table_key(self) -> str:
+        """The table as the ledger knows it: as its server resolved it once connected
+        (``public.orders``, however the destination spells it), else as spelled."""
+        relation = self.result.relation
+        if relation is not None and relation.key is not None:
+            return relation.key
+        return str(self.table)
+
 
 class State:
     """What every phase of a load reads and writes, and its bookkeeping."""
@@ -86,6 +95,9 @@ class State:
     bounds: _bounded.Bounds
     ledger: Ledger | None
     on_commit: Callable[[DestinationResult], None] | None
+    #: Without a ledger: an earlier try's record of a destination (the operator's
+    #: task_state_store), asked once its table is resolved (``result.relation``).
+    loaded_before: Callable[[DestinationResult], Entry | None] | None
     progress_interval: float
     receiver_timeout: float
     targets: list[Target]

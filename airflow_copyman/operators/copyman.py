@@ -34,7 +34,7 @@ from airflow_copyman._outcome import (
 )
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 from airflow_copyman.load import _arguments, _plan
-from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
 from airflow_copyman.load._relation import Relation
 
 if TYPE_CHECKING:
@@ -74,10 +74,10 @@ class CopyManOperator(BaseOperator):
         (SQL: ``schema.table``, quoted where needed) and optionally ``columns`` (the
         table's columns to fill, in the source's column order: plain names, exactly as the
         table spells them), ``mode`` (``append``, ``replace`` with ``replace_with``
-        ``truncate``/``delete``, ``merge`` with ``key`` and ``key_nulls``), ``create``
-        (``if_missing``), ``truncate`` (shorthand for ``mode="replace"``), ``preoperator``
-        and ``postoperator`` (SQL, or a list of SQL, run before / after the COPY): all in the
-        load's one transaction, with its ledger row (see
+        ``truncate``/``delete`` and ``cascade``, ``merge`` with ``key`` and ``key_nulls``),
+        ``create`` (``if_missing``), ``truncate`` (shorthand for ``mode="replace"``),
+        ``preoperator`` and ``postoperator`` (SQL, or a list of SQL, run before / after the
+        COPY): all in the load's one transaction, with its ledger row (see
         :class:`airflow_copyman.load.Destination`). (templated)
     :param format: ``binary``, ``text`` or ``csv``; by default (None) binary when every
         destination's column types equal the source's, text otherwise. ``binary`` where
@@ -263,6 +263,8 @@ class CopyManOperator(BaseOperator):
                     format=self.format,
                     ledger=ledger,
                     on_commit=lambda result: state.record(result, ti.try_number),
+                    # Without a ledger: the record by the table the server resolved.
+                    loaded_before=state.loaded_as if ledger is None else None,
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
                     min_rows=self.min_rows,
@@ -392,6 +394,8 @@ class _StateMirror:
         self._write()
 
     def loaded(self, spec: Destination) -> DestinationResult | None:
+        """Before connecting: the record of ``spec`` as spelled (records of earlier
+        versions, and of a try that spelled it alike)."""
         entry = (self.record_.get("destinations") or {}).get(spec.label)
         if not isinstance(entry, dict):
             return None
@@ -410,8 +414,20 @@ class _StateMirror:
             checksum=entry.get("checksum"),
         )
 
+    def loaded_as(self, result: DestinationResult) -> Entry | None:
+        """Once connected: the record of the table as its server resolved it, however an
+        earlier try spelled it."""
+        entry = (self.record_.get("destinations") or {}).get(_key_of(result))
+        if not isinstance(entry, dict):
+            return None
+        return Entry(
+            self.lineage, entry.get("try_number") or 0, entry.get("rows") or 0,
+            entry.get("bytes") or 0, entry.get("inserted"), entry.get("updated"),
+            entry.get("checksum"),
+        )
+
     def record(self, result: DestinationResult, try_number: int) -> None:
-        self.record_.setdefault("destinations", {})[result.label] = {
+        self.record_.setdefault("destinations", {})[_key_of(result)] = {
             "rows": result.rows,
             "bytes": result.bytes,
             "try_number": result.try_number or try_number,
@@ -426,8 +442,11 @@ class _StateMirror:
         but the store missed: a try died between a commit and its bookkeeping)."""
         destinations = self.record_.setdefault("destinations", {})
         for result in report.destinations:
-            if result.status in ("loaded", "already_loaded") and result.label not in destinations:
-                destinations[result.label] = {
+            key = _key_of(result)
+            if result.status in ("loaded", "already_loaded") and not (
+                key in destinations or result.label in destinations
+            ):
+                destinations[key] = {
                     "rows": result.rows,
                     "bytes": result.bytes,
                     "try_number": result.try_number or try_number,
@@ -445,6 +464,15 @@ class _StateMirror:
     def _write(self) -> None:
         if self.store is not None:
             self.store.set(STATE_KEY, self.record_)
+
+
+def _key_of(result: DestinationResult) -> str:
+    """A destination's key in the record: its connection and its table as the server
+    resolved it (``pg_wh:public.orders``), else as spelled (records of earlier versions)."""
+    relation = result.relation
+    if relation is not None and relation.key is not None:
+        return f"{result.conn_id}:{relation.key}"
+    return result.label
 
 
 def _measured(result: DestinationResult) -> dict[str, Any]:

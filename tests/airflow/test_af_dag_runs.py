@@ -96,10 +96,11 @@ def test_fanout_to_three_destinations(fanout: tuple[Run, dict[str, Database]]) -
     assert dbs["d2"].execute(
         "SELECT dag_id, task_id, conn_id, destination, rows, try_number FROM copyman_ledger "
         "WHERE task_id = 'fanout3'"
-    ) == [("copyman_test_fanout", "fanout3", "pg_d2", '"public"."orders"', 3000, 1)]
+    ) == [("copyman_test_fanout", "fanout3", "pg_d2", "public.orders", 3000, 1)]
     state = run.task_state("fanout3", "copyman")
+    # Keyed by the tables as their servers resolved them (pg_d1 spells it "orders").
     assert sorted(state["destinations"]) == [
-        "pg_d1:orders", "pg_d2:public.orders", "pg_d3:archive.orders"
+        "pg_d1:public.orders", "pg_d2:public.orders", "pg_d3:archive.orders"
     ]
     assert state["failed"] == []
 
@@ -207,7 +208,7 @@ def test_backend_dies_mid_copy_then_retry_loads_only_it(
         ]
     state = run.task_state("retry_once", "copyman")
     assert {k: v["try_number"] for k, v in state["destinations"].items()} == {
-        "pg_d1:orders": 1, "pg_d2:orders": 2, "pg_d3:orders": 1
+        "pg_d1:public.orders": 1, "pg_d2:public.orders": 2, "pg_d3:public.orders": 1
     }
 
 

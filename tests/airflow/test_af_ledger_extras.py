@@ -73,7 +73,7 @@ def _retried(dag: str, src: Database, d1: Database, d2: Database) -> list[dict[s
     assert flaky["checksum"].startswith("1000:copy-binary:"), flaky
     run_entries: list[dict[str, Any]] = [merged, flaky]
     state = run.task_state("extras", "copyman")["destinations"]
-    run_entries.append(state["pg_d1:orders"])
+    run_entries.append(state["pg_d1:public.orders"])
     return run_entries
 
 

@@ -393,3 +393,28 @@ with DAG(
             {"conn_id": "pg_d2", "table": "items"},
         ],
     )
+# A retry that spells the destination table otherwise (issue 15): try 1 names it
+# `public.orders` and commits it while the other destination's backend dies; try 2 names it
+# `orders` (resolved through the search_path)
+# and must find it loaded, with the ledger and without one (task_state_store).
+def _respelled_dag(name: str, **options: Any) -> DAG:
+    with DAG(
+        f"copyman_test_respelled_{name}", schedule=None, start_date=START, default_args=DEFAULTS
+    ) as dag:
+        CopyManOperator(
+            task_id="respelled",
+            source_conn_id="pg_src",
+            sql="orders",
+            destinations=[
+                {"conn_id": "pg_d1",
+                 "table": "{{ 'public.orders' if ti.try_number == 1 else 'orders' }}"},
+                {"conn_id": "pg_d2", "table": "orders"},
+            ],
+            retries=2,
+            **options,
+        )
+    return dag
+
+
+respelled_ledger_dag = _respelled_dag("ledger")
+respelled_store_dag = _respelled_dag("store", ledger=False)
