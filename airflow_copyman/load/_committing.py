@@ -14,6 +14,7 @@ from airflow_copyman.load import (
     _classify,
 )
 from airflow_copyman.load._ledger import Extras
+from airflow_copyman.load._locking import TableLocking
 from airflow_copyman.load._spec import (
     LoadError,
     TooFewRowsError,
@@ -22,7 +23,7 @@ from airflow_copyman.load._state import Target
 from airflow_copyman.load._verifying import Verifying
 
 
-class Committing(Verifying):
+class Committing(Verifying, TableLocking):
     """min_rows, the checksums, the finish, the ledger rows, the commits."""
 
     def _commit(self, loading: list[Target]) -> None:
@@ -60,7 +61,8 @@ class Committing(Verifying):
                 continue
             complete.append(target)
         # verify="checksum": before the merge applies, the postoperator runs, the ledger row.
-        for target in self._verify(complete):
+        # In the order of their tables' load locks (the merges take theirs now).
+        for target in sorted(self._verify(complete), key=lambda t: t.lock_key or 0):
             conn, receiver = target.conn, target.receiver
             assert conn is not None and receiver is not None and target.table is not None
             rows, nbytes = receiver.server_rows, receiver.bytes
@@ -131,11 +133,19 @@ class Committing(Verifying):
         assert conn is not None and mode is not None
         doing = f"applying the {mode.name}"
         try:
+            if mode.lock_before_finish and not target.locked:
+                doing = "taking the table's load lock"
+                self._lock_table(target)
+                doing = f"applying the {mode.name}"
             mode.finish(conn, rows)
             doing = "running the postoperator"
             for statement in target.spec.post_statements:
                 conn.execute(statement)  # type: ignore[call-overload]
-        except (psycopg.Error, copyman.Cancelled, LoadError) as exc:
+        except psycopg.Error as exc:
+            self._fail(target, self._lock_failed(target, exc), doing)
+            self._rollback(target)
+            return False
+        except (copyman.Cancelled, LoadError) as exc:
             self._fail(target, exc, doing)
             self._rollback(target)
             return False

@@ -32,6 +32,7 @@ STAGE = sql.Identifier("pg_temp", "copyman_merge_stage")
 class Merge(Mode):
     name = "merge"
     privileges = ("SELECT", "UPDATE")
+    lock_before_finish = True
 
     def check(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> str | None:
         version = conn.info.server_version

@@ -21,6 +21,7 @@ from airflow_copyman.load._mode import Mode
 class ReplaceByTruncate(Mode):
     name = "replace"
     privileges = ("TRUNCATE",)
+    lock_mode = "ACCESS EXCLUSIVE"
 
     def __init__(self, table: _plan.TableName) -> None:
         super().__init__(table)
