@@ -99,7 +99,11 @@ def test_two_loads_of_one_table_at_once_leave_it_exact(db: Dbs, case: str) -> No
         db.dst("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 10) g")
     # Two spellings of one table, two loads (as two tasks, or two runs of one DAG). The
     # postoperator's pause holds each load open after its writes: their windows overlap.
-    slow = {**options, "postoperator": "SELECT pg_sleep(0.4)"}
+    # Each load also notes how many rows it sees before its commit: one after the other,
+    # the second sees the first's rows too.
+    db.dst("CREATE TABLE seen (n bigint)")
+    slow = {**options, "postoperator": [
+        "INSERT INTO seen SELECT count(*) FROM t", "SELECT pg_sleep(0.4)"]}
     first, second = at_once(
         lambda: db.run("t", slow, name="load A", tag="a", pause=0.3),
         lambda: db.run("public.t", slow, name="load B", tag="b", pause=0.3),
@@ -118,6 +122,8 @@ def test_two_loads_of_one_table_at_once_leave_it_exact(db: Dbs, case: str) -> No
     if case == "append":
         assert (rows, ids) == (1000 * len(loaded), 1000)
         assert db.dst("SELECT count(*) FROM t WHERE v = 'old'") == [(10,)]
+        # Never both at once: the later load saw the earlier one's rows.
+        assert db.dst("SELECT n FROM seen ORDER BY n") == [(1010,), (2010,)][:len(loaded)]
     elif case.startswith("replace"):
         # Exactly one source's rows: the one that committed last.
         assert (rows, ids, len(tags)) == (1000, 1000, 1)
