@@ -102,9 +102,10 @@ class TableLocking(State):
         budget = self._lock_wait
         deadline = time.monotonic() + budget
         statement = _tablelock.lock_table(table.identifier, "ACCESS EXCLUSIVE")
+        # One savepoint: a try that times out rolls back to it (the load's own locks stay).
+        conn.execute(_SAVEPOINT)
         while True:
             left = deadline - time.monotonic()
-            conn.execute(_SAVEPOINT)
             conn.execute(*_tablelock.set_lock_timeout(min(_tablelock.ATTEMPT, max(left, 0.0))))
             try:
                 conn.execute(statement)
