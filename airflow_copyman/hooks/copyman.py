@@ -205,6 +205,8 @@ class CopyManHook(PostgresHook):
         loaded_before: Callable[[DestinationResult], load.Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
+        lock_timeout: float = load.LOCK_TIMEOUT,
+        application_name: str | None = None,
         raise_on_failure: bool = True,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
@@ -223,6 +225,12 @@ class CopyManHook(PostgresHook):
 
         Every wait is bounded: connecting by the connection's ``connect_timeout`` (default
         :data:`CONNECT_TIMEOUT`), every statement and the copy by ``receiver_timeout``.
+        ``lock_timeout`` bounds every lock wait in a destination (the table's load lock:
+        one load at a time per table; TRUNCATE, DELETE, CREATE, the merge's statements): a
+        wait that times out fails that destination transient, naming the table, the lock
+        and the sessions in the way. ``application_name``: the destinations' sessions'
+        (unless their connection sets one), so that a load waiting for the table names
+        this one (the operator passes ``copyman <dag_id>.<task_id> <run_id>``).
         ``verify="checksum"`` compares a checksum of the rows the source sent with one of
         the rows each destination wrote before it commits (default ``"count"``: the COPYs'
         row counts). ``max_bytes_per_second`` caps the copy: at most that many bytes read from the
@@ -237,10 +245,13 @@ class CopyManHook(PostgresHook):
         try:
             run = load.Transfer(
                 self.endpoint(), sql, destinations,
-                endpoints=lambda conn_id: CopyManHook(conn_id).endpoint(),
+                endpoints=lambda conn_id: CopyManHook(
+                    conn_id, application_name=application_name or self.application_name
+                ).endpoint(),
                 parameters=parameters, format=format, ledger=ledger, on_commit=on_commit,
                 loaded_before=loaded_before,
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
+                lock_timeout=lock_timeout,
                 min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,
                 verify=verify, log=self.log,
             )

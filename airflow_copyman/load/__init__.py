@@ -46,9 +46,11 @@ from airflow_copyman.load._spec import (
     TransferReport,
     destinations_from,
 )
+from airflow_copyman.load._tablelock import LOCK_TIMEOUT, application_name_for
 
 __all__ = [
     "DESTINATION_KEYS",
+    "LOCK_TIMEOUT",
     "ConfigError",
     "Destination",
     "DestinationResult",
@@ -67,6 +69,7 @@ __all__ = [
     "TooFewRowsError",
     "Transfer",
     "TransferReport",
+    "application_name_for",
     "destinations_from",
     "open_connection",
     "postgres",
@@ -86,6 +89,7 @@ def run(
     on_commit: Callable[[DestinationResult], None] | None = None,
     progress_interval: float = 5.0,
     receiver_timeout: float = RECEIVER_TIMEOUT,
+    lock_timeout: float = LOCK_TIMEOUT,
     min_rows: int = 0,
     max_bytes_per_second: float | None = None,
     verify: str = "count",
@@ -97,7 +101,10 @@ def run(
     ``max_bytes_per_second`` caps the copy: at most that many bytes read from the source
     in any second (None: no cap). ``verify="checksum"`` also compares a checksum of the
     rows the source sent with one of the rows each destination wrote, before it commits
-    (``"count"``, the default: the COPYs' row counts only).
+    (``"count"``, the default: the COPYs' row counts only). ``lock_timeout`` bounds every
+    lock wait in a destination (the table's load lock, TRUNCATE, DELETE, CREATE, the
+    merge's statements; at most ``receiver_timeout``): a wait that times out fails that
+    destination transient, naming the table, the lock and the sessions in the way.
 
     :raises ConfigError: bad input, found before any destination was written.
     :returns: the report (failed destinations are in it, rolled back).
@@ -105,6 +112,6 @@ def run(
     return Transfer(
         source, sql, destinations, endpoints=endpoints, parameters=parameters, format=format,
         ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
-        receiver_timeout=receiver_timeout, min_rows=min_rows,
+        receiver_timeout=receiver_timeout, lock_timeout=lock_timeout, min_rows=min_rows,
         max_bytes_per_second=max_bytes_per_second, verify=verify, log=log,
     ).run()

@@ -14,6 +14,7 @@ from airflow_copyman.load import (
     _classify,
 )
 from airflow_copyman.load._ledger import Extras
+from airflow_copyman.load._locking import TableLocking
 from airflow_copyman.load._spec import (
     LoadError,
     TooFewRowsError,
@@ -22,7 +23,7 @@ from airflow_copyman.load._state import Target
 from airflow_copyman.load._verifying import Verifying
 
 
-class Committing(Verifying):
+class Committing(Verifying, TableLocking):
     """min_rows, the checksums, the finish, the ledger rows, the commits."""
 
     def _commit(self, loading: list[Target]) -> None:
@@ -59,8 +60,10 @@ class Committing(Verifying):
                 self._rollback(target)
                 continue
             complete.append(target)
-        # The mode's end first (the merge applies): verify="checksum" reads what it wrote.
-        finished = [t for t in complete if self._finish(t)]
+        # The mode's end first (the merge applies, taking its table's load lock: in key
+        # order, so two loads of the same tables never wait on each other in a circle);
+        # verify="checksum" then reads what it wrote.
+        finished = [t for t in sorted(complete, key=lambda t: t.lock_key or 0) if self._finish(t)]
         # verify="checksum": before the postoperator runs, before the ledger row.
         for target in self._verify(finished):
             conn, receiver = target.conn, target.receiver
@@ -134,10 +137,19 @@ class Committing(Verifying):
         conn, mode, receiver = target.conn, target.mode, target.receiver
         assert conn is not None and mode is not None and receiver is not None
         assert receiver.server_rows is not None  # a complete COPY
+        doing = f"applying the {mode.name}"
         try:
+            if mode.lock_before_finish and not target.locked:
+                doing = "taking the table's load lock"
+                self._lock_table(target)
+                doing = f"applying the {mode.name}"
             mode.finish(conn, receiver.server_rows)
-        except (psycopg.Error, copyman.Cancelled, LoadError) as exc:
-            self._fail(target, exc, f"applying the {mode.name}")
+        except psycopg.Error as exc:
+            self._fail(target, self._lock_failed(target, exc), doing)
+            self._rollback(target)
+            return False
+        except (copyman.Cancelled, LoadError) as exc:
+            self._fail(target, exc, doing)
             self._rollback(target)
             return False
         return True
@@ -150,7 +162,11 @@ class Committing(Verifying):
         try:
             for statement in target.spec.post_statements:
                 conn.execute(statement)  # type: ignore[call-overload]
-        except (psycopg.Error, copyman.Cancelled) as exc:
+        except psycopg.Error as exc:
+            self._fail(target, self._lock_failed(target, exc), "running the postoperator")
+            self._rollback(target)
+            return False
+        except copyman.Cancelled as exc:
             self._fail(target, exc, "running the postoperator")
             self._rollback(target)
             return False

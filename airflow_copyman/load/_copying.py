@@ -14,13 +14,15 @@ from airflow_copyman.load import (
     _classify,
     _create,
     _estimate,
+    _tablelock,
     _verifying,
 )
+from airflow_copyman.load._locking import TableLocking
 from airflow_copyman.load._spec import ConfigError
-from airflow_copyman.load._state import State, Target, size
+from airflow_copyman.load._state import Target, size
 
 
-class Copying(State):
+class Copying(TableLocking):
     """The load transactions up to the end of the COPY."""
 
     def _begin(self, target: Target) -> bool:
@@ -30,8 +32,13 @@ class Copying(State):
         assert conn is not None and target.table is not None
         mode = target.mode
         assert mode is not None
-        doing = "creating the table"
+        doing = "taking the table's load lock"
         try:
+            # Before anything is written (a merge: before its apply, in _finish; one that
+            # creates its table: now, before the CREATE).
+            if not mode.lock_before_finish or target.create:
+                self._lock_table(target)
+            doing = "creating the table"
             if target.create:
                 conn.execute(_create.statement(
                     target.table, target.planned, mode.key or None,
@@ -41,6 +48,10 @@ class Copying(State):
                 doing = "describing the columns for the checksum"
                 _verifying.take_renderings(target)
             doing = f"starting mode={mode.name!r}"
+            if mode.lock_mode == "ACCESS EXCLUSIVE" and not mode.created:
+                doing = "locking the table for TRUNCATE"
+                self._lock_exclusively(target)
+                doing = f"starting mode={mode.name!r}"
             mode.begin(conn)
             doing = "running the preoperator"
             for statement in target.spec.statements:
@@ -48,12 +59,28 @@ class Copying(State):
             if self.verify == "checksum" and target.spec.statements:
                 doing = "taking the checksum of the rows before the COPY"
                 _verifying.take_baseline(self, target)
-        except psycopg.Error as exc:
+        except (_tablelock.LockWaitTimeout, _tablelock.CreatedMeanwhile) as exc:
             self._fail(target, exc, doing)
+            self._rollback(target)
+            return False
+        except psycopg.Error as exc:
+            self._fail(target, self._begin_error(target, exc, doing), doing)
             self._rollback(target)
             return False
         target.started = time.monotonic()
         return True
+
+    def _begin_error(self, target: Target, exc: psycopg.Error, doing: str) -> BaseException:
+        """A lock that timed out, named; a CREATE TABLE that lost a race on the catalog
+        (another session created a table or type of that name meanwhile): transient."""
+        catalog = (exc.diag.constraint_name or "").startswith(("pg_type_", "pg_class_"))
+        if doing == "creating the table" and catalog:
+            return _tablelock.CreatedMeanwhile(
+                f"table {target.lock_name or target.table} (or a type of its name) was "
+                f"created by another session meanwhile ({_classify.describe(exc)}); "
+                "a retry loads into it"
+            )
+        return self._lock_failed(target, exc)
 
     def _copy(self, loading: list[Target]) -> str:
         assert self.src is not None and self.format is not None

@@ -85,6 +85,7 @@ WHERE a.attrelid = %(table)s::regclass AND a.attnum > 0 AND NOT a.attisdropped
 class Merge(Mode):
     name = "merge"
     privileges = ("SELECT", "UPDATE")
+    lock_before_finish = True
 
     def __init__(
         self, table: _plan.TableName, key: Sequence[str], key_nulls: str = "refuse"

@@ -25,6 +25,12 @@ class Mode:
     name: ClassVar[str] = "append"
     #: Table privileges the mode needs besides INSERT on the columns.
     privileges: ClassVar[tuple[str, ...]] = ()
+    #: The lock its statements take on the table (``LOCK TABLE``'s name for it).
+    lock_mode: ClassVar[str] = "ROW EXCLUSIVE"
+    #: Take the table's load lock (:mod:`._tablelock`) only right before :meth:`finish`,
+    #: not before the COPY: the COPY writes elsewhere (the merge's staging table), so
+    #: loads copy in parallel and only their applies are serialized.
+    lock_before_finish: ClassVar[bool] = False
 
     def __init__(self, table: _plan.TableName, key: Sequence[str] | None = None) -> None:
         self.table = table

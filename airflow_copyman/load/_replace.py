@@ -147,6 +147,7 @@ class _Replace(Mode):
 
 class ReplaceByTruncate(_Replace):
     privileges = ("TRUNCATE",)
+    lock_mode = "ACCESS EXCLUSIVE"
 
     def __init__(self, table: _plan.TableName, **options: Any) -> None:
         super().__init__(table, **options)

@@ -23,6 +23,7 @@ from airflow_copyman.load import (
     _bounded,
     _estimate,
     _plan,
+    _tablelock,
 )
 from airflow_copyman.load._committing import Committing
 from airflow_copyman.load._connecting import Connecting
@@ -61,6 +62,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         loaded_before: Callable[[DestinationResult], Entry | None] | None = None,
         progress_interval: float = 5.0,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
+        lock_timeout: float = _tablelock.LOCK_TIMEOUT,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
         verify: str = "count",
@@ -75,6 +77,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             _arguments.sql(sql)
             _arguments.parameters(parameters)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
+            self.lock_timeout = _arguments.seconds("lock_timeout", lock_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
             self.min_rows = _arguments.count("min_rows", min_rows)
             self.max_bytes_per_second = _arguments.bytes_per_second(
@@ -164,7 +167,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         while True:
             # Every claim first, then the TRUNCATEs: waiting for another try's claim must
             # not hold a TRUNCATE lock on a table taken before it.
-            claimed = [t for t in self._pending() if self._claim(t)]
+            claimed = self._in_lock_order([t for t in self._pending() if self._claim(t)])
             loading = [t for t in claimed if self._begin(t)]
             if not loading or self.cancelled:
                 for target in loading:

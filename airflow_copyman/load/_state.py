@@ -58,6 +58,11 @@ class Target:
         #: verify="checksum" by its COPY stream (same types on both sides), else by the
         #: rows' text (decided while planning).
         self.by_stream = False
+        #: The table as its server resolves it, the advisory key of its loads, and whether
+        #: this load transaction holds that lock (:mod:`._tablelock`).
+        self.lock_name: str | None = None
+        self.lock_key: int | None = None
+        self.locked = False
 
     @property
     def pending(self) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _assets
+from airflow_copyman import _assets, load
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -95,6 +95,12 @@ class CopyManOperator(BaseOperator):
     :param receiver_timeout: seconds a source or destination may move nothing before it
         fails; every statement the task runs itself (ledger, planning, truncate,
         preoperators, commits) must answer within it too.
+    :param lock_timeout: seconds any one lock wait in a destination may last (at most
+        ``receiver_timeout``; default 60): the table's load lock (one load at a time per
+        table), TRUNCATE, DELETE, CREATE, the merge's statements. A wait that times out
+        fails that destination transient, naming the table, the lock and the sessions in
+        the way; the destinations' sessions are named ``copyman <dag_id>.<task_id>
+        <run_id>`` so that a waiting load names this one.
     :param min_rows: a source that yields fewer rows fails the task before any destination
         commits (a transient failure: late data may still arrive); default 0.
     :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
@@ -131,6 +137,7 @@ class CopyManOperator(BaseOperator):
         resume_on_clear: bool = False,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
+        lock_timeout: float = load.LOCK_TIMEOUT,
         min_rows: int = 0,
         max_bytes_per_second: float | str | None = None,
         verify: str = "count",
@@ -147,6 +154,7 @@ class CopyManOperator(BaseOperator):
         self.resume_on_clear = resume_on_clear
         self.progress_interval = progress_interval
         self.receiver_timeout = receiver_timeout
+        self.lock_timeout = lock_timeout
         self.min_rows = min_rows
         self.max_bytes_per_second = max_bytes_per_second
         self.verify = verify
@@ -161,6 +169,7 @@ class CopyManOperator(BaseOperator):
             if not _arguments.is_deferred(sql):
                 _arguments.sql(sql)
             _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
+            _arguments.seconds("lock_timeout", lock_timeout, zero_ok=False)
             _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
             if not _arguments.is_deferred(max_bytes_per_second):
                 _arguments.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
@@ -267,6 +276,11 @@ class CopyManOperator(BaseOperator):
                     loaded_before=state.loaded_as if ledger is None else None,
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
+                    lock_timeout=self.lock_timeout,
+                    # A load waiting for a table this one holds names its DAG, task, run.
+                    application_name=load.application_name_for(
+                        ti.dag_id, ti.task_id, ti.run_id, map_index
+                    ),
                     min_rows=self.min_rows,
                     max_bytes_per_second=cap,
                     verify=self.verify,

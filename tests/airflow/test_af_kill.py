@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 ACTIVE_COPIES = """
 SELECT count(*) FROM pg_stat_activity
-WHERE datname = current_database() AND application_name = 'airflow-copyman'
+WHERE datname = current_database() AND application_name LIKE 'copyman %%'
   AND state = 'active' AND query LIKE 'COPY%%'
 """
 
@@ -138,7 +138,7 @@ def test_sigterm_stops_a_busy_destination_on_its_server(
         # Whatever the outcome, leave no backlog running on the shared server.
         d1.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'airflow-copyman'"
+            "WHERE datname = current_database() AND application_name LIKE 'copyman %%'"
         )
     output = log.read_text()
     assert "RUN_RESULT failed" in output, output[-3000:]
