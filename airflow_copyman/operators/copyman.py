@@ -96,7 +96,8 @@ class CopyManOperator(BaseOperator):
         fails; every statement the task runs itself (ledger, planning, truncate,
         preoperators, commits) must answer within it too.
     :param min_rows: a source that yields fewer rows fails the task before any destination
-        commits (a transient failure: late data may still arrive); default 0.
+        commits (a transient failure: late data may still arrive); default 0. (templated:
+        the rendered text of a whole number is taken as that number)
     :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
         from the source in any second (None, the default: no cap). Its waits count
         towards no time-out. (templated)
@@ -108,7 +109,8 @@ class CopyManOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second",
+        "min_rows",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {
@@ -131,7 +133,7 @@ class CopyManOperator(BaseOperator):
         resume_on_clear: bool = False,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
-        min_rows: int = 0,
+        min_rows: int | str = 0,
         max_bytes_per_second: float | str | None = None,
         verify: str = "count",
         **kwargs: Any,
@@ -167,7 +169,8 @@ class CopyManOperator(BaseOperator):
             if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
-            _arguments.count("min_rows", min_rows)
+            if not _arguments.is_deferred(min_rows):
+                _arguments.count("min_rows", min_rows)
             _arguments.verify(verify)
             if not isinstance(ledger, bool):
                 raise _arguments.ArgumentError(
@@ -214,6 +217,7 @@ class CopyManOperator(BaseOperator):
             cap = _arguments.bytes_per_second(
                 "max_bytes_per_second", self.max_bytes_per_second, rendered=True
             )
+            min_rows = _arguments.count("min_rows", self.min_rows)  # rendered now
         except _arguments.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
@@ -265,7 +269,7 @@ class CopyManOperator(BaseOperator):
                     on_commit=lambda result: state.record(result, ti.try_number),
                     progress_interval=self.progress_interval,
                     receiver_timeout=self.receiver_timeout,
-                    min_rows=self.min_rows,
+                    min_rows=min_rows,
                     max_bytes_per_second=cap,
                     verify=self.verify,
                     raise_on_failure=False,
