@@ -214,6 +214,18 @@ def test_a_key_given_as_a_string_is_one_column(pair: tuple[Database, Database]) 
     ]
 
 
+def test_a_string_is_never_split_into_characters() -> None:
+    """A string left as it is (a template, or columns given as a string) stays one value
+    when a destination is rebuilt (validated, or rendered): before, it became its
+    characters."""
+    with pytest.raises(ConfigError, match="'columns' must be a list of column names, got str"):
+        Destination.from_value(Destination("wh", "t", columns="id"), 0)
+    templated = Destination("wh", "t", mode="merge", key="{{ params.key }}")
+    assert templated.key == "{{ params.key }}"
+    rendered = templated.rendered(lambda v: "['a', 'b']" if v == "{{ params.key }}" else v)
+    assert rendered.key == ("a", "b")
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("['a', 'b']", ("a", "b")), ('["a"]', ("a",)), ("('a', 'b')", ("a", "b")),
