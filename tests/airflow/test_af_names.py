@@ -156,3 +156,18 @@ def test_a_templated_key_and_min_rows_render_as_text_and_are_taken(
         assert "{{" not in failures[task_id]["message"]
     assert "render_template_as_native_obj=True" in failures["bad_key"]["message"]
     assert dst.scalar("SELECT count(*) FROM untouched") == 0
+
+
+def test_min_rows_is_checked_at_parse_time_unless_templated() -> None:
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    def operator(min_rows: object) -> CopyManOperator:
+        return CopyManOperator(
+            task_id="t", source_conn_id="s", sql="t",
+            destinations=[{"conn_id": "d", "table": "t"}], min_rows=min_rows,  # type: ignore[arg-type]
+        )
+
+    assert operator("{{ params.n }}").min_rows == "{{ params.n }}"
+    assert "min_rows" in CopyManOperator.template_fields
+    with pytest.raises(ValueError, match="t: min_rows must be a whole number, got the string 'x'"):
+        operator("x")
