@@ -236,6 +236,9 @@ def test_a_key_rendered_as_the_text_of_a_list_is_that_list(
 ) -> None:
     value = {"conn_id": "wh", "table": "t", "mode": "merge", "key": text}
     assert Destination.from_value(value, 0).key == expected
+    if text != "a":  # columns: a plain string is still refused (see below)
+        value = {"conn_id": "wh", "table": "t", "columns": text}
+        assert Destination.from_value(value, 0).columns == expected
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "['a', 2]", "[]", "['a'"])
