@@ -74,6 +74,22 @@ def test_position_only_when_no_name_matches_and_the_log_says_so(
     assert "pairing them by position: x -> b, y -> a" in warning
 
 
+def test_position_never_crosses_a_name_that_differs_only_in_case(
+    pair: tuple[Database, Database],
+) -> None:
+    """``"NAME", "ID"`` into ``(id, name)``: no name matches exactly, but position would
+    pair each with the other's namesake."""
+    _, dst = pair
+    dst.execute("CREATE TABLE upper_ (id int, name text)")
+    message = refused(pair, 'SELECT \'n\' AS "NAME", 1 AS "ID"', Destination("wh", "upper_"))
+    assert "the source's columns 'NAME' (did you mean 'name'?), 'ID' (did you mean 'id'?) " \
+        "have no destination column of that name" in message
+    # In the table's order they pair by position, as before.
+    report = run(pair, 'SELECT 1 AS "ID", \'n\' AS "NAME"', Destination("wh", "upper_"))
+    assert loaded(report) == [("loaded", 1)]
+    assert dst.execute("SELECT id, name FROM upper_") == [(1, "n")]
+
+
 def test_a_mismatch_names_every_unmatched_column_with_hints(
     pair: tuple[Database, Database],
 ) -> None:

@@ -93,9 +93,15 @@ def resolve_columns(given: Sequence[str], available: Sequence[str], table: str) 
 def with_hint(name: str, available: Sequence[str]) -> str:
     """``'name'``, followed by ``(did you mean 'Name'?)`` where columns of ``available``
     differ from it only in case, quoting or surrounding blanks."""
-    near = [c for c in available if c != name and _loose(c) == _loose(name)]
+    near = near_names(name, available)
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
     return f"{name!r}{hint}"
+
+
+def near_names(name: str, available: Sequence[str]) -> list[str]:
+    """The names of ``available`` that differ from ``name`` only in case, quoting or
+    surrounding blanks."""
+    return [c for c in available if c != name and _loose(c) == _loose(name)]
 
 
 def _deprecated(message: str) -> None:

@@ -436,7 +436,15 @@ def match_by_name(
     every = [name for name, _ in found]
     insertable = [name for name, generated in found if not generated]
     if not set(wanted) & set(every) and len(wanted) == len(insertable):
-        return insertable, True
+        # A name that differs from a column's only in case or quoting says which column
+        # it means: position must not pair it with another one ("NAME", "ID" into id, name).
+        crossed = [
+            w for w, i in zip(wanted, insertable, strict=True)
+            if (near := _names.near_names(w, every)) and i not in near
+        ]
+        if not crossed:
+            return insertable, True
+        raise PlanError(_unmatched(wanted, wanted, every, insertable))
     generated = [n for n in wanted if (n, True) in found]
     if generated:
         raise PlanError(_generated(generated[0], table, "the query"))
