@@ -59,8 +59,10 @@ class Destination:
         connection id).
     :param table: the table (``schema.table``, SQL syntax: quote mixed-case names).
     :param columns: the table's columns to fill, in the order of the source's columns
-        (default: the table's columns named like the source's result columns; the others
-        take their defaults): plain names, exactly as the table spells them.
+        (default: the table's columns named like the source's result columns, by position
+        only where none is; the others take their defaults): plain names, exactly as the
+        table spells them. The text of a list (``"['a', 'b']"``, as a template renders
+        one) is that list.
     :param truncate: shorthand for ``mode="replace"``.
     :param preoperator: SQL run in the load's transaction before the COPY (after the
         truncate); a string (one statement, or several separated by semicolons) or a list.
@@ -70,7 +72,8 @@ class Destination:
         or ``merge`` (rows whose ``key`` exists are updated, the others inserted).
     :param replace_with: ``truncate`` (default: TRUNCATE then ``COPY ... FREEZE``; readers
         wait) or ``delete`` (DELETE then COPY; readers keep reading the old rows).
-    :param key: the merge key: column names (a string is one column's name).
+    :param key: the merge key: column names (a string is one column's name; the text of a
+        list is that list).
     :param create: ``never`` (default) or ``if_missing``: create the table from the source's
         result columns in the load's transaction (its schema must exist).
 
