@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_copyman.load import _plan
+from airflow_copyman.load import _keytypes, _names, _plan
 from airflow_copyman.load._mode import Mode
 from airflow_copyman.load._spec import DuplicateKeyError, LoadError
 
@@ -104,10 +104,17 @@ class Merge(Mode):
         missing = [k for k in self.key if k not in columns]
         if missing:
             return (
-                f"the merge key column {missing[0]!r} is not among the columns loaded "
-                f"({', '.join(columns)})"
+                f"the merge key column {_names.with_hint(missing[0], columns)} is not among "
+                f"the columns loaded ({', '.join(columns)})"
             )
-        return super().check(conn, columns)
+        types = conn.execute(
+            "SELECT attname::text, format_type(atttypid, NULL) FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attname = ANY(%s) AND attnum > 0 "
+            "AND NOT attisdropped",
+            [self.table.regclass_text, list(self.key)],
+        ).fetchall()
+        problem = _keytypes.refusal(conn, [(n, t) for n, t in types], created=False)
+        return problem or super().check(conn, columns)
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         assert self.columns is not None

@@ -80,11 +80,7 @@ def resolve_columns(given: Sequence[str], available: Sequence[str], table: str) 
             continue
         missing.append(name)
     if missing:
-        problems = []
-        for name in missing:
-            near = [c for c in available if _loose(c) == _loose(name)]
-            hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
-            problems.append(f"{name!r}{hint}")
+        problems = [with_hint(name, available) for name in missing]
         raise PlanError(
             f"table {table} has no column {', '.join(problems)}; column names are taken "
             f"exactly as given, without SQL quoting (it has {', '.join(available)})"
@@ -92,6 +88,20 @@ def resolve_columns(given: Sequence[str], available: Sequence[str], table: str) 
     if len(set(resolved)) != len(resolved):
         raise PlanError(f"table {table}: a column is listed twice in {list(given)}")
     return resolved
+
+
+def with_hint(name: str, available: Sequence[str]) -> str:
+    """``'name'``, followed by ``(did you mean 'Name'?)`` where columns of ``available``
+    differ from it only in case, quoting or surrounding blanks."""
+    near = near_names(name, available)
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return f"{name!r}{hint}"
+
+
+def near_names(name: str, available: Sequence[str]) -> list[str]:
+    """The names of ``available`` that differ from ``name`` only in case, quoting or
+    surrounding blanks."""
+    return [c for c in available if c != name and _loose(c) == _loose(name)]
 
 
 def _deprecated(message: str) -> None:

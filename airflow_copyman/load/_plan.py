@@ -156,6 +156,14 @@ class Column:
     type_kind: str  # pg_type.typtype: b(ase), e(num), c(omposite), r(ange), d(omain)...
     #: format_type() with the modifier (``numeric(12,2)``): the type to create a column of.
     type_sql: str = ""
+    #: The column's collation (schema, name) where it is not its type's default, as far as
+    #: it is known: a table's columns, and a query's plain references to a table's columns
+    #: (an expression's collation is not in the row description).
+    collation: tuple[str, str] | None = None
+
+    @property
+    def collation_name(self) -> str:
+        return ".".join(self.collation) if self.collation else ""
 
     @property
     def is_oid_alias(self) -> bool:
@@ -268,7 +276,38 @@ def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
     if not fields:
         raise PlanError("sql returns no columns")
     types = _type_info(conn, [(oid, mod) for _, oid, mod in fields])
-    return [Column(name, oid, *types[i]) for i, (name, oid, _) in enumerate(fields)]
+    # A result column that is a plain reference to a table's column names that column
+    # (its table's OID and attribute number): its collation is the column's.
+    origins = [(result.ftable(i), result.ftablecol(i)) for i in range(result.nfields)]
+    collations = _collations(conn, origins) if any(rel for rel, _ in origins) else {}
+    return [
+        Column(name, oid, *types[i], collation=collations.get(i))
+        for i, (name, oid, _) in enumerate(fields)
+    ]
+
+
+# The collation of each table column (relation OID, attribute number) whose collation is
+# not its (base) type's default: the one a created column must be given explicitly.
+_COLLATIONS = """
+SELECT u.n::int - 1, cn.nspname::text, co.collname::text
+FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS u(rel, att, n)
+JOIN pg_attribute a ON a.attrelid = u.rel AND a.attnum = u.att
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> bt.typcollation
+JOIN pg_namespace cn ON cn.oid = co.collnamespace
+"""
+
+
+def _collations(
+    conn: psycopg.Connection[Any], origins: Sequence[tuple[int, int]]
+) -> dict[int, tuple[str, str]]:
+    """Position -> collation (schema, name) of the result columns whose origin column has
+    a collation other than its type's default."""
+    rows = conn.execute(
+        _COLLATIONS, [[rel for rel, _ in origins], [att for _, att in origins]]
+    ).fetchall()
+    return {n: (schema, name) for n, schema, name in rows}
 
 
 def _type_info(
@@ -292,10 +331,14 @@ SELECT a.attname::text,
        {generated} AS generated,
        has_column_privilege(a.attrelid, a.attnum, %(privilege)s) AS allowed,
        format_type(bt.oid, NULLIF(CASE WHEN t.typtype = 'd' THEN t.typtypmod
-                                       ELSE a.atttypmod END, -1))
+                                       ELSE a.atttypmod END, -1)),
+       cn.nspname::text,
+       co.collname::text
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> bt.typcollation
+LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
 WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -334,49 +377,111 @@ def table_columns(
         chosen = [by_name[c] for c in names]
         generated_cols = [r[0] for r in chosen if r[4]]
         if generated_cols:
-            raise PlanError(f"table {table}: column {generated_cols[0]!r} is generated")
+            raise PlanError(_generated(generated_cols[0], table, "'columns'"))
     denied = [r[0] for r in chosen if not r[5]]
     if denied:
         raise PlanError(
             f"permission denied: no {privilege} privilege on table {table} "
             f"(column {', '.join(denied)})"
         )
-    return [Column(r[0], r[1], r[2], r[3], r[6]) for r in chosen]
+    return [
+        Column(r[0], r[1], r[2], r[3], r[6], (r[7], r[8]) if r[8] is not None else None)
+        for r in chosen
+    ]
 
 
-def insertable_names(conn: psycopg.Connection[Any], table: TableName) -> list[str] | None:
-    """The table's columns a COPY can fill (every one but generated ones), in table
-    order; None if the table does not exist."""
+def _generated(column: str, table: TableName, where: str) -> str:
+    return (
+        f"column {column!r} of table {table} is generated: leave it out of {where} "
+        "(the server computes it)"
+    )
+
+
+def table_names(conn: psycopg.Connection[Any], table: TableName) -> list[tuple[str, bool]] | None:
+    """The table's columns in table order, each with whether it is generated (a COPY
+    cannot fill those); None if the table does not exist."""
     oid = table_oid(conn, table)
     if oid is None:
         return None
-    generated = "attgenerated = ''" if conn.info.server_version >= 120000 else "true"
+    generated = "attgenerated <> ''" if conn.info.server_version >= 120000 else "false"
     rows = conn.execute(
-        f"SELECT attname::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "  # type: ignore[arg-type]
-        f"AND NOT attisdropped AND {generated} ORDER BY attnum",
+        f"SELECT attname::text, {generated} FROM pg_attribute WHERE attrelid = %s "  # type: ignore[arg-type]
+        "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         [oid],
     ).fetchall()
-    return [r[0] for r in rows]
+    return [(name, is_generated) for name, is_generated in rows]
 
 
-def match_by_name(source: Sequence[Column], names: Sequence[str]) -> list[str] | str:
-    """The destination columns for the source's columns: the ones of the same names, in
-    the source's order (the table's other columns take their defaults). When a source
-    column has no namesake but the counts are equal, the columns pair by position, as
-    before names were matched (``SELECT a AS x`` into a table of other names still loads);
-    otherwise the reason it cannot load."""
+#: What to do when columns do not pair, said with every mismatch.
+_PAIRING = (
+    "columns pair by name, by position only when no source column is named like a "
+    "column of the table: alias the query's columns, or give 'columns'"
+)
+
+
+def match_by_name(
+    source: Sequence[Column], table: TableName, found: Sequence[tuple[str, bool]]
+) -> tuple[list[str], bool]:
+    """The destination columns for the source's columns, and whether they pair by
+    position. Columns pair by name: the table's columns named like the source's, in the
+    source's order (its other columns take their defaults; generated ones are computed).
+    Only when no source column is named like any column of the table, and the counts are
+    equal, do they pair by position (``SELECT 1, 2``, or ``SELECT a AS x`` into a table of
+    other names, as before names were matched): the caller says so in the log.
+
+    :raises PlanError: any other mismatch (a source column with no namesake, one that
+        names a generated column, a name given twice), naming the columns.
+    """
     wanted = [c.name for c in source]
-    if set(wanted) <= set(names) and len(set(wanted)) == len(wanted):
-        return wanted
-    if len(wanted) == len(names):
-        return list(names)
-    missing = next((n for n in wanted if n not in names), None)
-    reason = column_mismatch(source, [Column(n, 0, "", "") for n in names]) or ""
-    if missing is not None:
-        reason += f"; the source's column {missing!r} has no destination column of that name"
-    else:
-        reason += "; the source names a column twice"
-    return reason
+    every = [name for name, _ in found]
+    insertable = [name for name, generated in found if not generated]
+    if not set(wanted) & set(every) and len(wanted) == len(insertable):
+        # A name that differs from a column's only in case or quoting says which column
+        # it means: position must not pair it with another one ("NAME", "ID" into id, name).
+        crossed = [
+            w for w, i in zip(wanted, insertable, strict=True)
+            if (near := _names.near_names(w, every)) and i not in near
+        ]
+        if not crossed:
+            return insertable, True
+        raise PlanError(_unmatched(wanted, wanted, every, insertable))
+    generated = [n for n in wanted if (n, True) in found]
+    if generated:
+        raise PlanError(_generated(generated[0], table, "the query"))
+    unmatched = list(dict.fromkeys(n for n in wanted if n not in every))
+    if unmatched:
+        raise PlanError(_unmatched(wanted, unmatched, every, insertable))
+    twice = list(dict.fromkeys(n for n in wanted if wanted.count(n) > 1))
+    if twice:
+        raise PlanError(
+            f"the source names a column twice: {', '.join(map(repr, twice))} "
+            "(give each column its own alias, or give 'columns')"
+        )
+    return wanted, False
+
+
+def _unmatched(
+    wanted: Sequence[str], unmatched: Sequence[str], every: Sequence[str],
+    insertable: Sequence[str],
+) -> str:
+    several = len(unmatched) > 1
+    which = ", ".join(_names.with_hint(n, every) for n in unmatched)
+    what = (
+        f"the source's column{'s' if several else ''} {which} "
+        f"{'have' if several else 'has'} no destination column of that name"
+    )
+    if len(wanted) != len(insertable):
+        return (
+            f"column count mismatch: the source has {len(wanted)} columns "
+            f"({', '.join(wanted)}), the destination {len(insertable)} "
+            f"({', '.join(insertable)}); {what}; {_PAIRING}"
+        )
+    return f"column name mismatch: {what} (the destination has {', '.join(every)}); {_PAIRING}"
+
+
+def by_position(source: Sequence[Column], names: Sequence[str]) -> str:
+    """``x -> b, y -> a``: how the columns pair by position, for the log."""
+    return ", ".join(f"{c.name} -> {n}" for c, n in zip(source, names, strict=True))
 
 
 def has_table_privilege(conn: psycopg.Connection[Any], table: TableName, privilege: str) -> bool:

@@ -13,6 +13,7 @@ from airflow_copyman.load import (
     _create,
     _estimate,
     _identity,
+    _keytypes,
     _names,
     _plan,
     _readonly,
@@ -64,7 +65,7 @@ class Planning(State):
             assert target.conn is not None and target.table is not None
             where = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
             try:
-                problem = self._plan_target(target, source_columns)
+                problem = self._plan_target(target, source_columns, where)
                 if problem is not None:
                     errors.append(f"{where}: {problem}")
                     continue
@@ -123,21 +124,28 @@ class Planning(State):
         else:
             self._fail(target, exc, doing)
 
-    def _plan_target(self, target: Target, source_columns: list[Column]) -> str | None:
+    def _plan_target(
+        self, target: Target, source_columns: list[Column], where: str
+    ) -> str | None:
         """Describe the destination's columns for the source's (``target.planned``), or
         say why it cannot load them."""
         conn, table, mode = target.conn, target.table, target.mode
         assert conn is not None and table is not None and mode is not None
-        found = _plan.insertable_names(conn, table)
+        found = _plan.table_names(conn, table)
         if found is None:
             if target.spec.create != "if_missing":
                 return _names.missing_table(conn, table)
             return self._plan_creation(target, source_columns)
-        names: list[str] | str | None = target.columns
+        names = target.columns
         if names is None:
-            names = _plan.match_by_name(source_columns, found)
-            if isinstance(names, str):
-                return f"column count mismatch: {names}"
+            names, by_position = _plan.match_by_name(source_columns, table, found)
+            if by_position:
+                self.log.warning(
+                    "%s: no column of the source is named like a column of the table: "
+                    "pairing them by position: %s (alias the query's columns, or give "
+                    "'columns', to pair them by name)",
+                    where, _plan.by_position(source_columns, names),
+                )
         columns = _plan.table_columns(conn, table, names)
         if columns is None:
             return _names.missing_table(conn, table)
@@ -163,13 +171,23 @@ class Planning(State):
                 f"create='if_missing': 'columns' names {len(names)} columns, the source has "
                 f"{len(source_columns)}"
             )
-        if len(set(names)) != len(names):
-            return "create='if_missing': the source names a column twice (give 'columns')"
+        problem = _create.unnamed(names) if target.columns is None else None
+        if problem is not None:
+            return problem
         missing = [k for k in mode.key if k not in names]
         if missing:
-            return f"the merge key column {missing[0]!r} is not a column of the source"
+            return (
+                f"the merge key column {_names.with_hint(missing[0], names)} is not a column "
+                "of the source"
+            )
+        planned = [replace(c, name=n) for c, n in zip(source_columns, names, strict=True)]
+        problem = _create.missing_collation(conn, planned) or _keytypes.refusal(
+            conn, [(c.name, c.type_name) for c in planned if c.name in mode.key], created=True
+        )
+        if problem is not None:
+            return problem
         target.create = mode.created = True
-        target.planned = [replace(c, name=n) for c, n in zip(source_columns, names, strict=True)]
+        target.planned = planned
         target.columns = mode.columns = list(names)
         return None
 

@@ -7,6 +7,8 @@ arguments, :class:`airflow_copyman.hooks.copyman.CopyManHook` takes and returns 
 
 from __future__ import annotations
 
+import ast
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,8 +60,10 @@ class Destination:
         connection id).
     :param table: the table (``schema.table``, SQL syntax: quote mixed-case names).
     :param columns: the table's columns to fill, in the order of the source's columns
-        (default: the table's columns named like the source's result columns; the others
-        take their defaults): plain names, exactly as the table spells them.
+        (default: the table's columns named like the source's result columns, by position
+        only where none is; the others take their defaults): plain names, exactly as the
+        table spells them. The text of a list (``"['a', 'b']"``, as a template renders
+        one) is that list.
     :param truncate: shorthand for ``mode="replace"``.
     :param preoperator: SQL run in the load's transaction before the COPY (after the
         truncate); a string (one statement, or several separated by semicolons) or a list.
@@ -69,7 +73,8 @@ class Destination:
         or ``merge`` (rows whose ``key`` exists are updated, the others inserted).
     :param replace_with: ``truncate`` (default: TRUNCATE then ``COPY ... FREEZE``; readers
         wait) or ``delete`` (DELETE then COPY; readers keep reading the old rows).
-    :param key: the merge key: column names.
+    :param key: the merge key: column names (a string is one column's name; the text of a
+        list is that list).
     :param create: ``never`` (default) or ``if_missing``: create the table from the source's
         result columns in the load's transaction (its schema must exist).
     :param key_nulls: merge only: ``refuse`` (default: a source row with a NULL in a key
@@ -106,6 +111,11 @@ class Destination:
         for name in ("columns", "key"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        if isinstance(self.key, str) and not _arguments.is_template(self.key):
+            # key="TenantId" is one column (never its characters); text that is no list
+            # of names is left for from_value to refuse, saying why.
+            with contextlib.suppress(_arguments.ArgumentError):
+                object.__setattr__(self, "key", _text_names(self.key, "'key'", one_name=True))
         if self.truncate is True and self.mode == "append":
             object.__setattr__(self, "mode", "replace")
 
@@ -125,13 +135,13 @@ class Destination:
         return {
             "conn_id": self.conn_id,
             "table": self.table,
-            "columns": list(self.columns) if self.columns is not None else None,
+            "columns": _as_list(self.columns),
             "truncate": self.truncate,
             "preoperator": list(self.statements),
             "postoperator": list(self.post_statements),
             "mode": self.mode,
             "replace_with": self.replace_with,
-            "key": list(self.key) if self.key is not None else None,
+            "key": _as_list(self.key),
             "create": self.create,
             "key_nulls": self.key_nulls,
             "cascade": self.cascade,
@@ -178,7 +188,7 @@ class Destination:
                 _arguments.no_nul("'table'", table)
                 _plan.parse_table(table)
             columns = _names_list(value.get("columns"), "'columns'", later)
-            key = _names_list(value.get("key"), "'key'", later)
+            key = _names_list(value.get("key"), "'key'", later, one_name=True)
             preoperator = _statements(value.get("preoperator"), "'preoperator'", later)
             postoperator = _statements(value.get("postoperator"), "'postoperator'", later)
             truncate = value.get("truncate", False)
@@ -236,10 +246,22 @@ class Destination:
         return f"{self.conn_id}:{self.table}"
 
 
-def _names_list(value: Any, name: str, later: Callable[[Any], bool]) -> Any:
-    """Plain column names (``columns``, ``key``): None, or a non-empty list of names."""
+def _as_list(names: Any) -> Any:
+    """A names field for a mapping: a list, or None, or a string as it is (a string is
+    never split into its characters)."""
+    return list(names) if isinstance(names, tuple | list) else names
+
+
+def _names_list(
+    value: Any, name: str, later: Callable[[Any], bool], *, one_name: bool = False
+) -> Any:
+    """Plain column names (``columns``, ``key``): None, or a non-empty list of names.
+    A string is the text of a list (see :func:`_text_names`) or, where ``one_name``,
+    one column's name."""
     if value is None or later(value):
         return value
+    if isinstance(value, str):
+        value = _text_names(value, name, one_name=one_name)
     if (
         isinstance(value, str | bytes)
         or not isinstance(value, Iterable)
@@ -253,6 +275,28 @@ def _names_list(value: Any, name: str, later: Callable[[Any], bool]) -> Any:
         raise _arguments.ArgumentError(f"{name} must be a list of names, not empty")
     _plan.parse_columns(names, name)
     return names
+
+
+def _text_names(text: str, name: str, *, one_name: bool) -> Any:
+    """The names a string stands for. A template renders a list as its text
+    (``"['a', 'b']"``) unless the DAG sets ``render_template_as_native_obj``: the text of a
+    list (or tuple) of strings is that list. Any other bracketed text is refused with how to
+    render a list. Other text is one name where ``one_name`` (``key="TenantId"``); else it is
+    returned as it is (and refused as a string)."""
+    stripped = text.strip()
+    if not stripped.startswith(("[", "(")):
+        return (text,) if one_name else text
+    try:
+        parsed = ast.literal_eval(stripped)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        parsed = None
+    if isinstance(parsed, list | tuple) and parsed and all(isinstance(n, str) for n in parsed):
+        return tuple(parsed)
+    raise _arguments.ArgumentError(
+        f"{name} is the text {text!r}, not a list of column names: a template renders a "
+        "value as text; render a list of strings (['a', 'b']), or set "
+        "render_template_as_native_obj=True on the DAG"
+    )
 
 
 def _statements(value: Any, name: str, later: Callable[[Any], bool]) -> tuple[str, ...]:

@@ -102,7 +102,8 @@ class CopyManOperator(BaseOperator):
         the way; the destinations' sessions are named ``copyman <dag_id>.<task_id>
         <run_id>`` so that a waiting load names this one.
     :param min_rows: a source that yields fewer rows fails the task before any destination
-        commits (a transient failure: late data may still arrive); default 0.
+        commits (a transient failure: late data may still arrive); default 0. (templated:
+        the rendered text of a whole number is taken as that number)
     :param max_bytes_per_second: a bandwidth cap: the copy reads at most this many bytes
         from the source in any second (None, the default: no cap). Its waits count
         towards no time-out. (templated)
@@ -114,7 +115,8 @@ class CopyManOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second",
+        "min_rows",
     )
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers: ClassVar[dict[str, str]] = {
@@ -138,7 +140,7 @@ class CopyManOperator(BaseOperator):
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = 300.0,
         lock_timeout: float = load.LOCK_TIMEOUT,
-        min_rows: int = 0,
+        min_rows: int | str = 0,
         max_bytes_per_second: float | str | None = None,
         verify: str = "count",
         **kwargs: Any,
@@ -176,7 +178,8 @@ class CopyManOperator(BaseOperator):
             if not _arguments.is_deferred(parameters):
                 _arguments.parameters(parameters)
             _arguments.ledger_schema(ledger_schema)
-            _arguments.count("min_rows", min_rows)
+            if not _arguments.is_deferred(min_rows):
+                _arguments.count("min_rows", min_rows)
             _arguments.verify(verify)
             if not isinstance(ledger, bool):
                 raise _arguments.ArgumentError(
@@ -223,6 +226,7 @@ class CopyManOperator(BaseOperator):
             cap = _arguments.bytes_per_second(
                 "max_bytes_per_second", self.max_bytes_per_second, rendered=True
             )
+            min_rows = _arguments.count("min_rows", self.min_rows)  # rendered now
         except _arguments.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
@@ -281,7 +285,7 @@ class CopyManOperator(BaseOperator):
                     application_name=load.application_name_for(
                         ti.dag_id, ti.task_id, ti.run_id, map_index
                     ),
-                    min_rows=self.min_rows,
+                    min_rows=min_rows,
                     max_bytes_per_second=cap,
                     verify=self.verify,
                     raise_on_failure=False,

@@ -421,7 +421,7 @@ def test_forced_binary_with_different_types_is_refused(
     ) in str(info.value)
     assert dst.scalar("SELECT to_regclass('copyman_ledger')") is None
     with pytest.raises(CopyManConfigError, match="column big bigint -> big numeric"):
-        transfer("pg_wide_src", "SELECT id, big, big FROM nums",
+        transfer("pg_wide_src", "SELECT id, small::int8 AS small, big FROM nums",
                  Destination("pg_wide_dst", "nums"), format="binary")
     assert dst.scalar("SELECT count(*) FROM nums") == 0
     # Left to choose, the copy goes in text and the values arrive exactly.

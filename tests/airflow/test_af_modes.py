@@ -286,7 +286,9 @@ def test_min_rows_fails_a_short_source_with_nothing_committed(
         ({"mode": "replace", "replace_with": "drop"}, "'replace_with' must be one of"),
         ({"replace_with": "delete"}, "'replace_with' is for mode='replace'"),
         ({"mode": "merge"}, "mode='merge' needs 'key'"),
-        ({"mode": "merge", "key": "id"}, "'key' must be a list of column names, got str"),
+        # A string is one column's name; the text of a list is that list (issue 15).
+        ({"mode": "merge", "key": "['id', 2]"}, "render_template_as_native_obj=True"),
+        ({"mode": "merge", "key": 5}, "'key' must be a list of column names, got int"),
         ({"mode": "merge", "key": []}, "columns is empty"),
         ({"key": ["id"]}, "'key' is for mode='merge'"),
         ({"mode": "merge", "key": ["id"], "truncate": True}, "'truncate' is a shorthand"),

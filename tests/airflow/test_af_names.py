@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from af_support import Database, PgServers
+from af_support import Database, Events, PgServers, run_dag
 
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
 from airflow_copyman.load._names import CopyManDeprecationWarning
@@ -120,3 +120,54 @@ def test_a_missing_table_with_no_near_name_gets_no_hint(mixed: tuple[Database, D
     with pytest.raises(CopyManConfigError) as info:
         CopyManHook("pg_msrc").transfer('"Orders"', [Destination("pg_mdst", "invoices")])
     assert str(info.value).endswith('table "invoices" does not exist')
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_a_templated_key_and_min_rows_render_as_text_and_are_taken(
+    pg: PgServers, monkeypatch: pytest.MonkeyPatch, events: Events
+) -> None:
+    """Without native rendering a list renders as its text (``"['id', 'day']"``): it is
+    taken as that list; ``min_rows`` is templated, checked once rendered, and its error
+    quotes the rendered value (before: the raw template). Rendered text that is no list of
+    names is refused with how to render one."""
+    src, dst = pg.database(pg.src, "nsrc"), pg.database(pg.dst1, "ndst")
+    dst.execute(
+        "CREATE TABLE items (id int, day date, v text); CREATE TABLE untouched (id int, "
+        "day date, v text); INSERT INTO items VALUES (1, '2024-01-02', 'old'), "
+        "(2, '2024-01-01', 'other day')"
+    )
+    monkeypatch.setenv("AIRFLOW_CONN_PG_NSRC", src.uri())
+    monkeypatch.setenv("AIRFLOW_CONN_PG_NDST", dst.uri())
+    run = run_dag("copyman_names_dags.py", "copyman_test_names")
+    assert run.tis["templated_key"] == ("success", 1)
+    (merged,) = run.xcom("templated_key")["destinations"]
+    assert (merged["inserted"], merged["updated"]) == (4, 1)  # keyed on (id, day)
+    assert dst.scalar("SELECT count(*) FROM items") == 6
+    failures = {e["task_id"]: e for e in events if e["event"] == "failure"}
+    assert set(failures) == {"too_few_rows", "bad_min_rows", "bad_key"}
+    assert "fewer than min_rows=6" in failures["too_few_rows"]["message"]
+    for task_id, fragment in [
+        ("bad_min_rows", "min_rows must be a whole number, got the string 'lots'"),
+        ("bad_key", "'key' is the text '[1, 2]', not a list of column names"),
+    ]:
+        assert run.tis[task_id] == ("failed", 1)
+        assert "AirflowFailException" in failures[task_id]["bases"], failures[task_id]
+        assert fragment in failures[task_id]["message"]
+        assert "{{" not in failures[task_id]["message"]
+    assert "render_template_as_native_obj=True" in failures["bad_key"]["message"]
+    assert dst.scalar("SELECT count(*) FROM untouched") == 0
+
+
+def test_min_rows_is_checked_at_parse_time_unless_templated() -> None:
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    def operator(min_rows: object) -> CopyManOperator:
+        return CopyManOperator(
+            task_id="t", source_conn_id="s", sql="t",
+            destinations=[{"conn_id": "d", "table": "t"}], min_rows=min_rows,  # type: ignore[arg-type]
+        )
+
+    assert operator("{{ params.n }}").min_rows == "{{ params.n }}"
+    assert "min_rows" in CopyManOperator.template_fields
+    with pytest.raises(ValueError, match="t: min_rows must be a whole number, got the string 'x'"):
+        operator("x")

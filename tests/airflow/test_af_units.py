@@ -251,7 +251,8 @@ def test_operator_rejects_bad_arguments_at_parse_time() -> None:
         )
     op = CopyManOperator(task_id="f", source_conn_id="s", sql="q.sql", destinations=good)
     assert op.template_fields == (
-        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second"
+        "source_conn_id", "sql", "destinations", "parameters", "max_bytes_per_second",
+        "min_rows",
     )
     assert op.template_ext == (".sql",)
 
