@@ -48,8 +48,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check airflow_copyman tests example_dags bench
 	$(BIN)/mypy
 
+# The whole suite runs on PostgreSQL 15 (tests/test_cross_version.py copies between 15 and
+# 18 in it); then the version-sensitive tests run again on 18: the engine and its session
+# checks, the checksum read-back, the ledger, the load layer (catalog queries, planning,
+# estimate), the modes, verify, names, locks and exact-data tests (README "Tests").
+PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_checksum.py \
+	tests/test_readback.py tests/test_ledger.py tests/test_load_without_airflow.py \
+	tests/airflow/test_af_exact.py tests/airflow/test_af_modes.py tests/airflow/test_af_verify.py \
+	tests/airflow/test_af_names.py tests/airflow/test_af_trust.py \
+	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_units.py \
+	tests/airflow/test_af_progress.py
+
 test: $(STAMP) postgres lint
 	$(BIN)/pytest
+	$(BIN)/pytest --pg-version=18 $(PG18_TESTS)
 
 bench: $(STAMP) postgres
 	$(BIN)/python bench/bench_copy.py
