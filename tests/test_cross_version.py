@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from af_support import Database
 from exact_support import (
@@ -21,7 +22,7 @@ from exact_support import (
     type_names,
 )
 
-from airflow_copyman import load
+from airflow_copyman import copyman, load
 from airflow_copyman.copyman import _versions
 from airflow_copyman.testing.servers import (
     ContainerServer,
@@ -202,3 +203,60 @@ def test_a_load_refuses_a_server_older_than_the_oldest_supported_before_reading(
     assert message.startswith("destination #1 (") and "source" not in message, message
     assert f"PostgreSQL {_versions.describe(version)} is older than" in message, message
     assert dst.scalar("SELECT count(*) FROM t") == 0
+
+
+# The engine's own check: binary COPY statements between servers of other versions.
+
+ENGINE_TYPES = """
+CREATE DOMAIN span AS interval;
+CREATE TYPE pair AS (a int, b interval);
+"""
+
+
+def engine_ends(
+    by_version: dict[int, Server], source: int, dest: int, column_type: str
+) -> tuple[Any, Any]:
+    src = Database(by_version[source], f"eng_src_{next(_names)}")
+    dst = Database(by_version[dest], f"eng_dst_{next(_names)}")
+    for db in (src, dst):
+        create_database(db.address, db.name)
+        db.execute(ENGINE_TYPES)
+        db.execute(f"CREATE TABLE t (id int, v {column_type}, other interval)")
+    src.execute("INSERT INTO t (id) VALUES (1), (2)")
+    return src.connect(), dst.connect()
+
+
+@pytest.mark.parametrize("column_type", ["interval", "interval[]", "span", "pair"])
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=lambda d: f"{d[0]}-to-{d[1]}")
+def test_the_engine_refuses_binary_across_versions_for_a_type_holding_an_interval(
+    by_version: dict[int, Server], direction: tuple[int, int], column_type: str
+) -> None:
+    src, dst = engine_ends(by_version, *direction, column_type)
+    with src, dst:
+        with pytest.raises(copyman.CopyUsageError) as refused:
+            copyman.transfer((src, "COPY t (id, v) TO STDOUT (FORMAT binary)"),
+                             (dst, "COPY t (id, v) FROM STDIN (FORMAT binary)"))
+        message = str(refused.value)
+        assert "column v holds interval" in message, message
+        for conn in (src, dst):
+            assert f"PostgreSQL {_versions.describe(conn.info.server_version)}" in message
+            # Refused before any COPY began: no transaction was even opened.
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert dst.execute("SELECT count(*) FROM t").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS, ids=lambda d: f"{d[0]}-to-{d[1]}")
+def test_the_engine_copies_in_binary_across_versions_where_no_column_changed(
+    by_version: dict[int, Server], direction: tuple[int, int]
+) -> None:
+    """An interval column the COPY leaves out is no obstacle."""
+    src, dst = engine_ends(by_version, *direction, "numeric")
+    with src, dst:
+        src.execute("UPDATE t SET v = 'Infinity'")
+        src.commit()
+        copyman.transfer((src, "COPY t (id, v) TO STDOUT (FORMAT binary)"),
+                         (dst, 'COPY public . "t" ("id", V) FROM STDIN (FORMAT binary)'))
+        dst.commit()
+        assert dst.execute("SELECT id, v::text FROM t ORDER BY id").fetchall() == [
+            (1, "Infinity"), (2, "Infinity")
+        ]

@@ -16,7 +16,10 @@ multiranges of a listed type carry its values, so they are listed by the element
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from ._sql import _LEADING_NOISE
 
 #: The oldest major version a load connects to: the oldest PostgreSQL release still
 #: supported by the PostgreSQL project (13 and 14 have reached their end of life).
@@ -92,3 +95,63 @@ def binary_change(type_name: str, version_a: int, version_b: int) -> BinaryChang
         if change.type_name == base and low < change.since <= high:
             return change
     return None
+
+
+def changes_between(version_a: int, version_b: int) -> list[BinaryChange]:
+    """The listed changes that lie between two major versions (none for one version)."""
+    low, high = sorted((version_a, version_b))
+    return [c for c in BINARY_CHANGES if low < c.since <= high]
+
+
+# The engine's view of a receiver: ``COPY table [(columns)] FROM STDIN``. An identifier is
+# quoted ("" inside doubles a quote) or bare (folded to lower case, as the server does).
+_IDENT = r'(?:"(?:[^"]|"")*"|[^\s(),."]+)'
+_COPY_TARGET = re.compile(
+    rf"\A\s*COPY\s+(?P<table>{_IDENT}(?:\s*\.\s*{_IDENT}){{0,2}})\s*"
+    rf"(?:\((?P<columns>[^)]*)\))?\s*FROM\s+STDIN\b",
+    re.IGNORECASE,
+)
+
+
+def copy_target(statement: str) -> tuple[str, list[str] | None] | None:
+    """The table (as ``to_regclass`` reads it) and the column names (None: all) a
+    ``COPY ... FROM STDIN`` fills, or None where the statement cannot be read so."""
+    match = _COPY_TARGET.match(statement[_LEADING_NOISE.match(statement).end() :])  # type: ignore[union-attr]
+    if match is None:
+        return None
+    table = re.sub(r"\s*\.\s*", ".", match["table"])
+    if match["columns"] is None:
+        return table, None
+    names = [
+        name[1:-1].replace('""', '"') if name.startswith('"') else name.lower()
+        for name in re.findall(_IDENT, match["columns"])
+    ]
+    return table, names
+
+
+#: Every type inside each column a COPY fills (itself, and recursively an array's
+#: element, a domain's base type, a range's subtype, a multirange's range, a composite's
+#: attributes' types), by ``format_type``: binary COPY carries each inner value in its
+#: own type's binary form. Parameters: ``table`` (to_regclass text), ``columns`` (or NULL).
+COLUMN_TYPES_SQL = """
+WITH RECURSIVE inner_types(name, oid) AS (
+    SELECT a.attname::text, a.atttypid
+    FROM pg_attribute a
+    WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0 AND NOT a.attisdropped
+      AND a.attgenerated = '' AND (%(columns)s::text[] IS NULL OR a.attname = ANY(%(columns)s))
+  UNION
+    SELECT i.name, x.oid
+    FROM inner_types i
+    JOIN pg_type t ON t.oid = i.oid
+    CROSS JOIN LATERAL (
+        SELECT t.typelem WHERE t.typelem <> 0 AND t.typlen = -1
+        UNION ALL SELECT t.typbasetype WHERE t.typtype = 'd'
+        UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid
+        UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = t.oid
+        UNION ALL SELECT c.atttypid FROM pg_attribute c
+                  WHERE t.typrelid <> 0 AND c.attrelid = t.typrelid AND c.attnum > 0
+                    AND NOT c.attisdropped
+    ) x(oid)
+)
+SELECT name, format_type(oid, NULL) FROM inner_types
+"""
