@@ -135,6 +135,19 @@ def test_forced_binary_with_an_interval_across_versions_is_refused_before_anythi
     assert dst.scalar("SELECT count(*) FROM refused") == 0
 
 
+@pytest.mark.parametrize("column_type", ["interval[]", "span"])
+def test_forced_binary_of_an_interval_array_or_domain_across_versions_is_refused(
+    by_version: dict[int, Server], column_type: str
+) -> None:
+    src, dst = database(by_version[18], "arr_src"), database(by_version[15], "arr_dst")
+    for db in (src, dst):
+        db.execute(f"CREATE DOMAIN span AS interval; CREATE TABLE t (id int, v {column_type})")
+    with pytest.raises(load.ConfigError) as caught:
+        copy(src, dst, "t", "t", ["id", "v"], format="binary")
+    assert "is not exact between these servers' versions" in str(caught.value)
+    assert f"column v {column_type.replace('span', 'interval')}:" in str(caught.value)
+
+
 def test_an_infinite_interval_from_18_fails_loudly_in_15_and_nothing_commits(
     by_version: dict[int, Server], caplog: pytest.LogCaptureFixture
 ) -> None:
