@@ -162,6 +162,8 @@ def default_version() -> int:
     wanted = os.environ.get("COPYMAN_PG_VERSION")
     if wanted:
         return int(wanted)
+    if DEFAULT_VERSION in _bindirs():
+        return DEFAULT_VERSION  # without asking Docker
     found = versions()
     if DEFAULT_VERSION in found or not found:
         return DEFAULT_VERSION
