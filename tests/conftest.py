@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from airflow_copyman.testing.servers import (
     ServerPool,
     connect,
     create_database,
+    default_version,
+    versions,
 )
 
 # The Airflow tests' database helper (it imports nothing of Airflow) serves these too.
@@ -25,6 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
 from af_support import Database
 
 _names = itertools.count()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-version", type=int, default=None,
+        help="PostgreSQL major version of the servers the tests start (default: "
+        "$COPYMAN_PG_VERSION, else 15); tests/test_cross_version.py starts 15 and 18 itself",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    version = config.getoption("--pg-version")
+    if version is not None:
+        # Read by every server the tests start (testing/servers.py's default_version()).
+        os.environ["COPYMAN_PG_VERSION"] = str(version)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"PostgreSQL servers: {default_version()} (this machine can start {versions()})"
 
 
 @pytest.fixture(scope="session")

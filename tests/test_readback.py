@@ -27,7 +27,7 @@ from tests.conftest import pinned
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "airflow"))
 from af_support import Database
-from exact_support import LOCAL_TYPE_COLUMNS, SUBTLE, create_types, type_names
+from exact_support import LOCAL_TYPE_COLUMNS, SUBTLE, create_types, swaps, type_names
 
 _counter = iter(range(10**6))
 
@@ -134,10 +134,7 @@ def test_every_changed_value_changes_the_digest(pair: tuple[Database, Database],
     create_types(source_db, fill=True)
     create_types(dest_db)
     columns = columns_for(fmt)
-    changes = {
-        f"{c} swapped": f"UPDATE types SET {c} = (SELECT {c} FROM types WHERE id = 2) WHERE id = 1"
-        for c in columns if c != "id"
-    }
+    changes = swaps(source_db, columns)
     changes.update(SUBTLE)
     changes.update(SAME_VALUE)
     changes["a duplicated row"] = "INSERT INTO {t} SELECT * FROM {t} WHERE id = 3 LIMIT 1"

@@ -5,6 +5,9 @@ ends must read those bytes the same way:
 
 * every database fitting must talk in one client encoding (text values travel in it in
   every format, binary included): otherwise the servers store other characters;
+* in a binary copy, a receiver on a server of another major version must not fill a column
+  of a type whose binary form or meaning changed between the two (``_versions.py``: an
+  interval between 16 and 17, say), which it would read as another value;
 * in a text or CSV copy, the source and each receiver must agree on the settings that
   change what a value written as text means (the ones pg_dump pins for the same reason,
   and ``lc_monetary`` for ``money``), and the source must write floats exactly
@@ -24,8 +27,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import psycopg
+
+from . import _versions
 from ._errors import CopyUsageError, ProducerTimeout, ReceiverTimeout
 from ._fittings import Receiver
 from ._statement import ABORT_TIMEOUT, StatementProducer, _StatementFitting
@@ -50,10 +56,13 @@ def check_sessions(
     """Raise ``CopyUsageError`` if the fittings' sessions would change the data."""
     fittings = [f for f in (producer, *receivers) if isinstance(f, _StatementFitting)]
     _check_encodings(fittings)
-    if not isinstance(producer, StatementProducer) or producer.copy_format == "binary":
+    if not isinstance(producer, StatementProducer):
         return
     targets = [r for r in receivers if isinstance(r, _StatementFitting)]
     if not targets:
+        return
+    if producer.copy_format == "binary":
+        _check_binary_across_versions(producer, targets, timeout)
         return
     settings = _query(fittings, timeout)
     fmt = producer.copy_format.upper()
@@ -138,20 +147,25 @@ def _query(
     fittings: Sequence[_StatementFitting], timeout: float
 ) -> dict[_StatementFitting, tuple[str, str]]:
     """Run the settings query on every connection at once, with one deadline."""
+    results = _run_all({f: _QUERY for f in fittings}, timeout, "its session settings")
+    return {
+        fitting: (row.get_value(0, 0).decode(), row.get_value(0, 1).decode())  # never NULL
+        for fitting, row in results.items()
+    }
+
+
+def _run_all(
+    queries: dict[_StatementFitting, bytes], timeout: float, what: str
+) -> dict[_StatementFitting, Any]:
+    """Run one query on each connection at once, with one deadline: their results."""
     deadline = time.monotonic() + timeout
     driver: Driver[_StatementFitting] = Driver(
-        {f: Step(f._command(_QUERY), deadline) for f in fittings}
+        {f: Step(f._command(q), deadline) for f, q in queries.items()}
     )
     driver.run(stop_on_error=True)
     failed = [f for f, s in driver.finished.items() if s.error] + list(driver.expired)
     if not failed and not driver.pending:
-        settings = {}
-        for fitting, step in driver.finished.items():
-            row = step.value
-            settings[fitting] = (
-                row.get_value(0, 0).decode(), row.get_value(0, 1).decode()  # never NULL
-            )
-        return settings
+        return {fitting: step.value for fitting, step in driver.finished.items()}
     # End what is still running, so every connection is left as it was found.
     ends: Driver[_StatementFitting] = Driver({
         f: Step(f.aborting(None), time.monotonic() + ABORT_TIMEOUT)
@@ -164,7 +178,56 @@ def _query(
     failure = driver.finished.get(culprit)
     if failure is not None and failure.error is not None:
         raise CopyUsageError(
-            f"{culprit!r}: could not read its session settings: {failure.error}"
+            f"{culprit!r}: could not read {what}: {failure.error}"
         ) from failure.error
     error = ReceiverTimeout if isinstance(culprit, Receiver) else ProducerTimeout
     raise error(f"{culprit!r}: its server did not answer in {timeout:g} s")
+
+
+def _check_binary_across_versions(
+    producer: StatementProducer, targets: Sequence[_StatementFitting], timeout: float
+) -> None:
+    """Refuse a binary copy into a server of another major version where a column's type
+    (or a type inside it) changed its binary form or meaning between the two
+    (:mod:`._versions`): the receiver would read the bytes as another value, silently.
+
+    Costs nothing between servers of one version, or of versions no listed change lies
+    between; otherwise one catalog query per such receiver, on the types of the columns
+    its COPY names (or all of its table's, where they cannot be read from the statement)."""
+    source = producer.connection.info.server_version
+    spans = {
+        r: r.connection.info.server_version
+        for r in targets
+        if _versions.changes_between(_versions.major(source), _versions.major(
+            r.connection.info.server_version))
+    }
+    queries = {r: q for r in spans if (q := _types_query(r)) is not None}
+    if not queries:
+        return
+    results = _run_all(queries, timeout, "the types of its table's columns")
+    for receiver, result in results.items():
+        for row in range(result.ntuples):
+            column, type_name = (result.get_value(row, i).decode() for i in (0, 1))
+            change = _versions.binary_change(
+                type_name, _versions.major(source), _versions.major(spans[receiver])
+            )
+            if change is not None:
+                raise CopyUsageError(
+                    f"{producer!r} (PostgreSQL {_versions.describe(source)}) and {receiver!r} "
+                    f"(PostgreSQL {_versions.describe(spans[receiver])}): column {column} "
+                    f"holds {type_name}, whose binary form differs between these versions "
+                    f"({change.why}, since {change.since}: {change.source}); copy in text "
+                    "or CSV, which the receiver checks"
+                )
+
+
+def _types_query(receiver: _StatementFitting) -> bytes | None:
+    """The catalog query for the built-in types in the columns the receiver's ``COPY
+    table [(columns)] FROM STDIN`` fills, or None if the statement names no table."""
+    target = _versions.copy_target(receiver._text)
+    if target is None:
+        return None
+    table, columns = target
+    with psycopg.ClientCursor(receiver.connection) as cursor:
+        text = cursor.mogrify(_versions.COLUMN_TYPES_SQL, {"table": table, "columns": columns})
+    return text.encode(receiver.connection.info.encoding)

@@ -7,6 +7,7 @@ import contextlib
 import psycopg
 
 from airflow_copyman import copyman
+from airflow_copyman.copyman import _versions
 from airflow_copyman.load import (
     _bounded,
     _classify,
@@ -95,11 +96,27 @@ class Connecting(State):
                     )
                 else:
                     self._fail(target, result, "connecting")
+        errors.extend(self._too_old())
         if errors:
             raise ConfigError(self._redact("; ".join(errors)))
         self._log_connections()
         if source_error is not None:
             self._source_failed(source_error, "connecting")
+
+    def _too_old(self) -> list[str]:
+        """Servers older than the oldest supported version, refused before anything is
+        read or written (version-dependent SQL is chosen for 15 and later only)."""
+        ends = [(f"source {self.origin.describe()}", self.src)] + [
+            (f"destination #{i + 1} ({t.endpoint.describe()})", t.conn)
+            for i, t in enumerate(self.targets)
+        ]
+        found = []
+        for where, conn in ends:
+            if conn is not None and not conn.closed:
+                problem = _versions.too_old(conn.info.server_version)
+                if problem is not None:
+                    found.append(f"{where}: {problem}")
+        return found
 
     def _locate(self) -> None:
         """Name each destination's table as its server does (for the asset events): an

