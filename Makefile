@@ -58,7 +58,8 @@ PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_ch
 	tests/airflow/test_af_exact.py tests/airflow/test_af_modes.py tests/airflow/test_af_verify.py \
 	tests/airflow/test_af_names.py tests/airflow/test_af_trust.py \
 	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_units.py \
-	tests/airflow/test_af_progress.py
+	tests/airflow/test_af_progress.py tests/test_load_merge.py tests/test_load_names.py \
+	tests/test_load_replace_scope.py tests/test_load_identity.py
 
 test: $(STAMP) postgres lint
 	$(BIN)/pytest

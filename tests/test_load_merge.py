@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from exact_support import has_icu
 
 from airflow_copyman import load
 from tests.conftest import Database
@@ -293,6 +294,8 @@ def test_a_nondeterministic_collation_matching_another_key_fails_the_checksum(
     pair: tuple[Database, Database],
 ) -> None:
     source_db, dest_db = pair
+    if not has_icu(dest_db):
+        pytest.skip("this server is built without ICU (the embedded 18): no such collation")
     source_db.execute("CREATE TABLE items (id text, v int); INSERT INTO items VALUES ('ABC', 2)")
     dest_db.execute(
         "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from af_support import Database
+from exact_support import has_xml
 
 from airflow_copyman import load
 from airflow_copyman.load import ConfigError, Destination, TransferReport
@@ -292,6 +293,8 @@ def test_a_merge_key_without_equality_is_refused_before_the_copy(
 ) -> None:
     """As seen: a json key failed after the whole copy with an operator-class message."""
     _, dst = pair
+    if type_ == "xml" and not has_xml(dst):
+        pytest.skip("this server is built without libxml (the embedded 18): no xml values")
     dst.execute(f"CREATE TABLE doc (k {type_}, v int)")
     sql = f"SELECT {value} AS k, 1 AS v"
     message = refused(pair, sql, Destination("wh", "doc", mode="merge", key="k"))

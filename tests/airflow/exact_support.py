@@ -124,6 +124,18 @@ def has_xml(db: Database) -> bool:
     return True
 
 
+def has_icu(db: Database) -> bool:
+    """Whether the server was built with ICU (else it refuses to create an ICU collation;
+    its catalog may still list some)."""
+    try:
+        with db.connect() as conn:
+            conn.execute("CREATE COLLATION copyman_probe (provider = icu, locale = 'und')")
+            conn.rollback()  # nothing left behind (leaving the block would commit)
+    except psycopg.errors.FeatureNotSupported:
+        return False
+    return True
+
+
 def type_names() -> list[str]:
     return [name for name, _ in TYPE_COLUMNS]
 
