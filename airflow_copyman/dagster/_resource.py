@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -185,26 +186,42 @@ def run_stoppable(transfer: load.Transfer) -> load.TransferReport:
     Dagster's stop: terminating a run raises ``DagsterExecutionInterruptedError`` (or
     ``KeyboardInterrupt``) in the step's thread, which then cancels every COPY."""
     outcome: list[load.TransferReport | BaseException] = []
+    # An Event, not Thread.join: a join interrupted by an exception from a signal handler
+    # marks the thread stopped while it still runs (CPython 3.11's _wait_for_tstate_lock).
+    done = threading.Event()
 
     def work() -> None:
         try:
             outcome.append(transfer.run())
         except BaseException as exc:
             outcome.append(exc)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="copyman-transfer", daemon=True)
-    worker.start()
+    threading.Thread(target=work, name="copyman-transfer", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        done.wait()
     except BaseException:
         transfer.cancel()
-        worker.join(STOP_WAIT)
+        wait_for_stop(done)
         raise
     (got,) = outcome
     if isinstance(got, BaseException):
         raise got
     return got
+
+
+def wait_for_stop(done: threading.Event) -> None:
+    """Wait (at most :data:`STOP_WAIT`) for a cancelled transfer to send its cancels, roll
+    back and close. A second interrupt (the run worker's parent exiting sends SIGTERM, which
+    Dagster raises as another interrupt) must not end the wait: the process would exit with
+    the transfer's thread, and its COPYs would run on until each server noticed."""
+    deadline = time.monotonic() + STOP_WAIT
+    while not done.is_set() and time.monotonic() < deadline:
+        try:
+            done.wait(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # another interrupt: the stop is under way
+            continue
 
 
 def materialization_metadata(
