@@ -24,7 +24,6 @@ import psycopg
 from pydantic import Field
 
 from airflow_copyman import load
-from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.dagster._assets import CHECK_NAME, Binding, current_binding
 
 #: How long a stopped step waits for its transfer to roll back and close (the cancels reach
@@ -67,7 +66,9 @@ class CopyManResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         default=False,
         description="a re-execution of a run skips destinations the run loaded before",
     )
-    receiver_timeout: float = RECEIVER_TIMEOUT
+    receiver_timeout: float | None = Field(
+        default=None, description="seconds a server may stay silent (default: the load's)"
+    )
     lock_timeout: float = load.LOCK_TIMEOUT
     max_bytes_per_second: float | None = None
     progress_interval: float = 5.0
@@ -114,13 +115,15 @@ class CopyManResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         spec = binding.load
         names = [spec.source, *(d.conn_id for d in destinations)]
         endpoints = {name: self._endpoint(name) for name in dict.fromkeys(names)}
+        # Unset: the load layer's own default.
+        optional: dict[str, Any] = {"receiver_timeout": self.receiver_timeout}
         return load.Transfer(
             endpoints[spec.source], spec.sql, destinations, endpoints=endpoints,
             parameters=parameters, format=spec.format, ledger=self._ledger(context),
-            progress_interval=self.progress_interval, receiver_timeout=self.receiver_timeout,
-            lock_timeout=self.lock_timeout, min_rows=spec.min_rows,
-            max_bytes_per_second=self.max_bytes_per_second, verify=spec.verify,
-            log=context.log,
+            progress_interval=self.progress_interval, lock_timeout=self.lock_timeout,
+            min_rows=spec.min_rows, max_bytes_per_second=self.max_bytes_per_second,
+            verify=spec.verify, log=context.log,
+            **{k: v for k, v in optional.items() if v is not None},
         )
 
     def _endpoint(self, name: str) -> load.Endpoint:
