@@ -10,7 +10,14 @@ import dagster as dg
 import pytest
 from dagster._serdes import serialize_value
 
-from airflow_copyman.dagster import CopyManResource
+from airflow_copyman.dagster import (
+    CopyManDestinationData,
+    CopyManLoad,
+    CopyManResource,
+    CopyManTranslator,
+    copyman_assets,
+)
+from airflow_copyman.load import ConfigError
 from tests.dagster.conftest import DAYS, PER_DAY, Warehouse
 
 WH1 = dg.AssetKey(["wh1", "public", "orders"])
@@ -204,8 +211,6 @@ def test_a_three_day_backfill_loads_each_day_once(
 
 @pytest.mark.parametrize("table", ["orders", '"Sales"."Orders"'])
 def test_the_source_table_is_upstream_where_sql_names_one(table: str) -> None:
-    from airflow_copyman.dagster import CopyManLoad, copyman_assets
-
     spec = CopyManLoad(source="src", sql=table, destinations=[{"conn": "wh", "table": "t"}])
 
     @copyman_assets(load=spec, name=f"load_{len(table)}")
@@ -216,3 +221,61 @@ def test_the_source_table_is_upstream_where_sql_names_one(table: str) -> None:
     expected = ["src", "public", "orders"] if table == "orders" else ["src", "Sales", "Orders"]
     assert [d.asset_key.path for d in deps] == [expected]
     assert [s.key.path for s in assets.specs] == [["wh", "public", "t"]]
+
+
+class WarehouseTranslator(CopyManTranslator):
+    """Keys under ``warehouse/<table>``, a group and an owner of their own."""
+
+    def get_asset_spec(self, data: CopyManDestinationData) -> dg.AssetSpec:
+        spec = super().get_asset_spec(data)
+        return spec.replace_attributes(
+            key=dg.AssetKey(["warehouse", data.destination.conn_id, data.table]),
+            group_name="warehouse", owners=["team:data"], tags={"layer": "raw"},
+        )
+
+
+def test_a_translator_changes_keys_groups_and_owners(
+    example: ModuleType, warehouse: Warehouse
+) -> None:
+    @copyman_assets(load=example.orders, name="translated", translator=WarehouseTranslator(),
+                    partitions_def=dg.DailyPartitionsDefinition("2024-01-01"))
+    def translated(context: dg.AssetExecutionContext, copyman: CopyManResource) -> Any:
+        yield from copyman.run(context, parameters={"day": context.partition_key,
+                                                    "min_amount": 0})
+
+    wh2 = dg.AssetKey(["warehouse", "wh2", "orders"])
+    assert {s.key for s in translated.specs} == {dg.AssetKey(["warehouse", "wh1", "orders"]), wh2}
+    assert {(s.group_name, tuple(s.owners), s.tags["layer"]) for s in translated.specs} == {
+        ("warehouse", ("team:data",), "raw")
+    }
+    result = dg.materialize(
+        [translated], partition_key=DAY, selection=[wh2],
+        resources={"copyman": CopyManResource(connections=warehouse.connections())},
+    )
+    assert [m.asset_key for m in result.asset_materializations_for_node("translated")] == [wh2]
+    assert [e.asset_key for e in result.get_asset_check_evaluations()] == [wh2]
+    assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
+
+
+def test_a_connection_string_that_does_not_parse_is_named_not_shown(
+    example: ModuleType, warehouse: Warehouse
+) -> None:
+    connections = {**warehouse.connections(), "wh2": "host=x password=s3cr3t-pw port"}
+    result = dg.materialize(
+        [example.orders_assets], partition_key=DAY, raise_on_error=False,
+        resources={"copyman": CopyManResource(connections=connections)},
+    )
+    assert not result.success and retries(result) == 0
+    text = events_text(result)
+    assert "connection 'wh2': not a libpq connection string" in text
+    assert "s3cr3t-pw" not in text
+
+
+def test_bad_destinations_fail_when_the_code_location_loads() -> None:
+    with pytest.raises(ConfigError, match=r"destination #1 \(wh, table t\): mode='merge' needs"):
+        CopyManLoad(source="s", sql="t", destinations=[{"conn": "wh", "table": "t",
+                                                        "mode": "merge"}])
+    spec = CopyManLoad(source="s", sql="t", destinations=[{"conn": "wh", "table": "t"},
+                                                          {"conn": "wh", "table": "public.t"}])
+    with pytest.raises(dg.DagsterInvalidDefinitionError, match="wh/public/t"):
+        copyman_assets(load=spec)(lambda context, copyman: None)
