@@ -3,6 +3,7 @@ groups, owners, tags), as ``DagsterDltTranslator`` / ``DagsterSlingTranslator`` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import dagster as dg
@@ -30,7 +31,7 @@ class CopyManTranslator:
         destination = data.destination
         deps = [self.get_source_asset_key(data.load)] if data.load.source_table else []
         return dg.AssetSpec(
-            key=dg.AssetKey([destination.conn_id, data.schema, data.table]),
+            key=asset_key(destination.conn_id, data.schema, data.table),
             deps=[d for d in deps if d is not None],
             description=f"{data.load.source} -> {destination.conn_id}:{destination.table} "
             f"({destination.mode})",
@@ -46,7 +47,13 @@ class CopyManTranslator:
         """The source table's key, ``[source connection, schema, table]``, or None where
         ``sql`` is a query."""
         parts = spec.source_table
-        return None if parts is None else dg.AssetKey([spec.source, *parts])
+        return None if parts is None else asset_key(spec.source, *parts)
+
+
+def asset_key(*parts: str) -> dg.AssetKey:
+    """A key of these names, each character Dagster refuses in a name (``^[A-Za-z0-9_]+$``:
+    it names inputs and outputs after keys) replaced by ``_``."""
+    return dg.AssetKey([re.sub(r"[^A-Za-z0-9_]", "_", part) for part in parts])
 
 
 def destination_data(spec: CopyManLoad, destination: Destination) -> CopyManDestinationData:
