@@ -37,8 +37,11 @@ _CHECKSUM = re.compile(
     r"the checksum of the rows loaded \((?P<destination>[^)]*)\) differs from "
     r"the source's \((?P<source>[^)]*)\)"
 )
-_COUNT = re.compile(r"the destination's COPY reports (?P<destination>\d+) rows, "
-                    r"the source's (?P<source>\w+)")
+_COUNTS = (
+    re.compile(r"received (?P<destination>\d+) rows, but the source produced (?P<source>\d+)"),
+    re.compile(r"the destination's COPY reports (?P<destination>\d+) rows, "
+               r"the source's (?P<source>\w+)"),
+)
 
 
 class CopyManDestinationsFailed(Exception):
@@ -284,8 +287,11 @@ def failed_check(
         metadata = {
             "source_checksum": found["source"], "destination_checksum": found["destination"]
         }
-    elif (found := _COUNT.search(error)) is not None:
-        metadata = {"source_rows": found["source"], "destination_rows": found["destination"]}
+    elif (found := _count_mismatch(error)) is not None:
+        metadata = {
+            "source_rows": _number(found["source"]),
+            "destination_rows": _number(found["destination"]),
+        }
     else:
         return None
     metadata["error"] = error
@@ -293,6 +299,14 @@ def failed_check(
         asset_key=key, check_name=CHECK_NAME, passed=False, metadata=metadata,
         severity=dg.AssetCheckSeverity.ERROR,
     )
+
+
+def _count_mismatch(error: str) -> re.Match[str] | None:
+    return next((m for m in (p.search(error) for p in _COUNTS) if m is not None), None)
+
+
+def _number(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
 
 
 def _raise_for(report: load.TransferReport) -> None:

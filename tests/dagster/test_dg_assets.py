@@ -306,3 +306,31 @@ def test_bad_destinations_fail_when_the_code_location_loads() -> None:
                                                           {"conn": "wh", "table": "public.t"}])
     with pytest.raises(dg.DagsterInvalidDefinitionError, match="wh/public/t"):
         copyman_assets(load=spec)(lambda context, copyman: None)
+
+
+def test_a_row_count_mismatch_fails_its_check(warehouse: Warehouse) -> None:
+    # verify="count": wh1 drops every other row it is sent (a trigger), so its COPY counts
+    # fewer rows than the source sent.
+    warehouse.wh1.execute(
+        "CREATE FUNCTION odd_only() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN "
+        "IF NEW.id % 2 = 0 THEN RETURN NULL; END IF; RETURN NEW; END$$; CREATE TRIGGER odd "
+        "BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION odd_only()"
+    )
+    spec = CopyManLoad(source="pg_src", sql="SELECT * FROM orders WHERE day = '2024-01-02'",
+                       destinations=[{"conn": "wh1", "table": "orders"}])
+
+    @copyman_assets(load=spec, name="counted")
+    def counted(context: dg.AssetExecutionContext, copyman: CopyManResource) -> Any:
+        yield from copyman.run(context)
+
+    result = dg.materialize(
+        [counted], raise_on_error=False,
+        resources={"copyman": CopyManResource(connections=warehouse.connections())},
+    )
+    assert not result.success and retries(result) == 0
+    assert materializations(result) == {}
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert evaluation.asset_key == WH1 and not evaluation.passed
+    values = {k: v.value for k, v in evaluation.metadata.items()}
+    assert (values["source_rows"], values["destination_rows"]) == (PER_DAY, PER_DAY // 2)
+    assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
