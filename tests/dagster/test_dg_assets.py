@@ -334,3 +334,21 @@ def test_a_row_count_mismatch_fails_its_check(warehouse: Warehouse) -> None:
     values = {k: v.value for k, v in evaluation.metadata.items()}
     assert (values["source_rows"], values["destination_rows"]) == (PER_DAY, PER_DAY // 2)
     assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
+
+
+def test_checks_alone_say_to_select_their_assets(warehouse: Warehouse) -> None:
+    spec = CopyManLoad(source="pg_src", sql="orders",
+                       destinations=[{"conn": "wh1", "table": "orders"}])
+
+    @copyman_assets(load=spec, name="checked")
+    def checked(context: dg.AssetExecutionContext, copyman: CopyManResource) -> Any:
+        yield from copyman.run(context)
+
+    result = dg.materialize(
+        [checked], selection=dg.AssetSelection.checks_for_assets(WH1), raise_on_error=False,
+        resources={"copyman": CopyManResource(connections=warehouse.connections())},
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "select their assets too" in serialize_value(failure.event_specific_data)
+    assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
