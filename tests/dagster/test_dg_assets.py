@@ -352,3 +352,30 @@ def test_checks_alone_say_to_select_their_assets(warehouse: Warehouse) -> None:
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "select their assets too" in serialize_value(failure.event_specific_data)
     assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
+
+
+def test_a_single_run_backfill_loads_its_range_once(warehouse: Warehouse) -> None:
+    spec = CopyManLoad(
+        source="pg_src", sql="SELECT * FROM orders WHERE day BETWEEN %(first)s AND %(last)s",
+        destinations=[{"conn": "wh1", "table": "orders", "mode": "merge", "key": "id"}],
+    )
+
+    @copyman_assets(load=spec, name="ranged", backfill_policy=dg.BackfillPolicy.single_run(),
+                    partitions_def=dg.DailyPartitionsDefinition("2024-01-01"))
+    def ranged(context: dg.AssetExecutionContext, copyman: CopyManResource) -> Any:
+        keys = context.partition_key_range
+        yield from copyman.run(context, parameters={"first": keys.start, "last": keys.end})
+
+    result = dg.materialize(
+        [ranged], raise_on_error=False,
+        tags={"dagster/asset_partition_range_start": DAYS[0],
+              "dagster/asset_partition_range_end": DAYS[-1]},
+        resources={"copyman": CopyManResource(connections=warehouse.connections())},
+    )
+    assert result.success
+    assert warehouse.wh1.execute(
+        "SELECT day::text, count(*) FROM orders GROUP BY 1 ORDER BY 1"
+    ) == [(day, PER_DAY) for day in DAYS]
+    assert warehouse.wh1.execute("SELECT run_id FROM copyman_ledger") == [
+        (f"{result.run_id}:{DAYS[0]}...{DAYS[-1]}",)
+    ]
