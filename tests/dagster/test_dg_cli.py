@@ -101,3 +101,4 @@ def test_terminating_the_run_stops_every_copy(warehouse: Warehouse, tmp_path: Pa
     assert warehouse.wh1.scalar("SELECT count(*) FROM orders") == 0
     assert warehouse.wh2.scalar("SELECT count(*) FROM analytics.orders") == 0
     assert "DagsterExecutionInterruptedError" in out
+    print(f"COPYs gone {took:.2f} s after SIGTERM")
