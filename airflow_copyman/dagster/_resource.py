@@ -86,6 +86,12 @@ class CopyManResource(dg.ConfigurableResource):  # type: ignore[type-arg]
         result for each one loaded, then raise if any failed (see the module's doc)."""
         binding = current_binding()
         chosen = [(d, k) for d, k in binding.keys if k in context.selected_asset_keys]
+        if not chosen:
+            raise dg.Failure(
+                description="no destination's asset is selected: the checks of a CopyMan load "
+                "come from loading, select their assets too",
+                allow_retries=False,
+            )
         try:
             transfer = self._transfer(context, binding, [d for d, _ in chosen], parameters)
             report = run_stoppable(transfer)
