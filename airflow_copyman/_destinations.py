@@ -12,8 +12,8 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman.load import ConfigError, _spec
-from airflow_copyman.load._spec import (
+from airflow_copyman.load import ConfigError, spec
+from airflow_copyman.load.spec import (
     DESTINATION_KEYS,
     Destination,
     DestinationResult,
@@ -54,6 +54,6 @@ def config_error(exc: ConfigError) -> CopyManConfigError:
 def destinations_from(values: Iterable[Any], *, rendered: bool = True) -> list[Destination]:
     """Parse an operator's ``destinations`` argument (see :meth:`Destination.from_value`)."""
     try:
-        return _spec.destinations_from(values, rendered=rendered)
+        return spec.destinations_from(values, rendered=rendered)
     except ConfigError as exc:
         raise config_error(exc) from None

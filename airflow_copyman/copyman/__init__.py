@@ -30,6 +30,7 @@ from ._fittings import (
     Wait,
 )
 from ._manager import BATCH_BYTES, QUEUE_BYTES, RECEIVER_TIMEOUT, CopyManager, transfer
+from ._sql import is_copy_statement
 from ._statement import StatementProducer, StatementReceiver
 
 __all__ = [
@@ -57,5 +58,6 @@ __all__ = [
     "StatementReceiver",
     "StreamDigest",
     "Wait",
+    "is_copy_statement",
     "transfer",
 ]

@@ -35,8 +35,10 @@ from airflow_copyman._destinations import (
     config_error,
     destinations_from,
 )
-from airflow_copyman.load import _bounded, _endpoint, _plan, _session
-from airflow_copyman.load._ledger import Ledger
+from airflow_copyman.load import APPLICATION_NAME, CONNECT_TIMEOUT
+from airflow_copyman.load.catalog import tables
+from airflow_copyman.load.connection import bounded, endpoint, settings
+from airflow_copyman.load.ledger.table import Ledger
 
 if TYPE_CHECKING:
     from airflow_copyman.load import Transfer
@@ -59,11 +61,6 @@ __all__ = [
 
 #: Connection types the hook accepts (``postgresql://`` URIs normalise to ``postgres``).
 POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
-#: ``application_name`` given to the hook's connections unless the connection sets one, so
-#: that a DBA can tell CopyMan's sessions in ``pg_stat_activity``.
-APPLICATION_NAME = "airflow-copyman"
-#: Seconds to wait for a connection whose ``connect_timeout`` is not set.
-CONNECT_TIMEOUT = _bounded.CONNECT_TIMEOUT
 #: Seconds between two progress lines in the task log.
 PROGRESS_INTERVAL = 5.0
 
@@ -138,7 +135,7 @@ class CopyManHook(PostgresHook):
 
     def get_conn(self) -> psycopg.Connection[Any]:
         """A new psycopg 3 connection, outside autocommit, with plain tuple rows, in UTF8
-        and with the session settings of :mod:`airflow_copyman.load._session` in force."""
+        and with the load layer's pinned session settings in force."""
         self.check_connection()
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
@@ -148,7 +145,7 @@ class CopyManHook(PostgresHook):
             )
         try:
             # Tuple rows (the "cursor" extra may ask for dicts), the session checked.
-            _endpoint.prepare(conn)
+            endpoint.prepare(conn)
         except BaseException:
             conn.close()
             raise
@@ -182,10 +179,10 @@ class CopyManHook(PostgresHook):
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        # Bounded waits (airflow_copyman.load._bounded): a default connect_timeout, and a
+        # Bounded waits (airflow_copyman.load.connection.bounded): a default connect_timeout, and a
         # connection class whose statements a transfer can bound and stop.
-        conn_args = _bounded.connect_args(_session.connect_args(conn_args))
-        conn = _bounded.BoundedConnection.connect(**conn_args)
+        conn_args = bounded.connect_args(settings.connect_args(conn_args))
+        conn = bounded.BoundedConnection.connect(**conn_args)
         register_default_adapters(conn)
         if self.enable_log_db_messages:
             conn.add_notice_handler(self._notice_handler)
@@ -198,7 +195,7 @@ class CopyManHook(PostgresHook):
         sql: str,
         destinations: Sequence[Destination | Mapping[str, Any]],
         *,
-        parameters: _plan.Params | None = None,
+        parameters: tables.Params | None = None,
         format: str | None = None,
         ledger: Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,

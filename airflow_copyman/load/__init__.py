@@ -28,13 +28,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
-from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
-from airflow_copyman.load._ledger import Entry, Extras, Ledger, TaskKey
-from airflow_copyman.load._merge import MergeConflictError, NullKeyError
-from airflow_copyman.load._mode import Mode
-from airflow_copyman.load._plan import Params
-from airflow_copyman.load._run import Endpoints, Transfer
-from airflow_copyman.load._spec import (
+from airflow_copyman.load.catalog.tables import Params
+from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT
+from airflow_copyman.load.connection.endpoint import (
+    APPLICATION_NAME,
+    Endpoint,
+    open_connection,
+    postgres,
+)
+from airflow_copyman.load.connection.locks import LOCK_TIMEOUT, application_name_for
+from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey
+from airflow_copyman.load.modes.base import Mode
+from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
+from airflow_copyman.load.spec import (
     DESTINATION_KEYS,
     ConfigError,
     Destination,
@@ -46,9 +52,11 @@ from airflow_copyman.load._spec import (
     TransferReport,
     destinations_from,
 )
-from airflow_copyman.load._tablelock import LOCK_TIMEOUT, application_name_for
+from airflow_copyman.load.transfer import Endpoints, Transfer
 
 __all__ = [
+    "APPLICATION_NAME",
+    "CONNECT_TIMEOUT",
     "DESTINATION_KEYS",
     "LOCK_TIMEOUT",
     "ConfigError",

@@ -1,8 +1,8 @@
 """CopyManOperator: one pass over a PostgreSQL source, loaded into many destinations.
 
 Retries load only what failed. Each destination loads in its own transaction, and a small
-ledger table in the destination database (:mod:`airflow_copyman.load._ledger`) records the load
-in that same transaction: the data and the record of having loaded it commit together.
+ledger table in the destination database (:class:`airflow_copyman.load.Ledger`) records the
+load in that same transaction: the data and the record of having loaded it commit together.
 The next try of the task skips every destination the ledger lists for this lineage of
 tries, so no destination is ever loaded twice by retries, not even when a try dies right
 after a commit. Airflow 3.3's ``task_state_store`` holds the lineage (which tries belong
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _assets, load
+from airflow_copyman import _assets, copyman, load
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -33,9 +33,10 @@ from airflow_copyman._outcome import (
     failure_of,
 )
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
-from airflow_copyman.load import _arguments, _plan
-from airflow_copyman.load._ledger import Entry, Ledger, TaskKey
-from airflow_copyman.load._relation import Relation
+from airflow_copyman.load import options
+from airflow_copyman.load.catalog import tables
+from airflow_copyman.load.catalog.relation import Relation
+from airflow_copyman.load.ledger.table import Entry, Ledger, TaskKey
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -167,27 +168,27 @@ class CopyManOperator(BaseOperator):
         # arguments fails when it is parsed, not when it runs. Templated values are
         # checked after rendering, before any connection is used.
         try:
-            _plan.normalize_format(format)
-            if not _arguments.is_deferred(sql):
-                _arguments.sql(sql)
-            _arguments.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
-            _arguments.seconds("lock_timeout", lock_timeout, zero_ok=False)
-            _arguments.seconds("progress_interval", progress_interval, zero_ok=True)
-            if not _arguments.is_deferred(max_bytes_per_second):
-                _arguments.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
-            if not _arguments.is_deferred(parameters):
-                _arguments.parameters(parameters)
-            _arguments.ledger_schema(ledger_schema)
-            if not _arguments.is_deferred(min_rows):
-                _arguments.count("min_rows", min_rows)
-            _arguments.verify(verify)
+            tables.normalize_format(format)
+            if not options.is_deferred(sql):
+                options.sql(sql)
+            options.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
+            options.seconds("lock_timeout", lock_timeout, zero_ok=False)
+            options.seconds("progress_interval", progress_interval, zero_ok=True)
+            if not options.is_deferred(max_bytes_per_second):
+                options.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
+            if not options.is_deferred(parameters):
+                options.parameters(parameters)
+            options.ledger_schema(ledger_schema)
+            if not options.is_deferred(min_rows):
+                options.count("min_rows", min_rows)
+            options.verify(verify)
             if not isinstance(ledger, bool):
-                raise _arguments.ArgumentError(
+                raise options.ArgumentError(
                     f"ledger must be true or false, got {type(ledger).__name__}"
                 )
-        except (_plan.PlanError, _arguments.ArgumentError) as exc:
+        except (tables.PlanError, options.ArgumentError) as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
-        if isinstance(sql, str) and _plan.is_copy_statement(sql):
+        if isinstance(sql, str) and copyman.is_copy_statement(sql):
             raise ValueError(
                 f"{self.task_id}: sql must be a query or a table name, not a COPY "
                 "statement: the operator builds the COPY itself"
@@ -222,12 +223,12 @@ class CopyManOperator(BaseOperator):
         ti = context["ti"]
         try:
             specs = self._destination_specs()
-            _arguments.parameters(self.parameters)  # rendered now
-            cap = _arguments.bytes_per_second(
+            options.parameters(self.parameters)  # rendered now
+            cap = options.bytes_per_second(
                 "max_bytes_per_second", self.max_bytes_per_second, rendered=True
             )
-            min_rows = _arguments.count("min_rows", self.min_rows)  # rendered now
-        except _arguments.ArgumentError as exc:
+            min_rows = options.count("min_rows", self.min_rows)  # rendered now
+        except options.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
             raise CopyManPermanentFailure(str(exc)) from None
@@ -338,10 +339,10 @@ class CopyManOperator(BaseOperator):
         if not destinations:
             raise CopyManConfigError("destinations is empty: give at least one")
         try:
-            _arguments.sql(self.sql)
-        except _arguments.ArgumentError as exc:
+            options.sql(self.sql)
+        except options.ArgumentError as exc:
             raise CopyManConfigError(str(exc)) from None
-        if _plan.is_copy_statement(self.sql):
+        if copyman.is_copy_statement(self.sql):
             raise CopyManConfigError(
                 "sql must be a query or a table name, not a COPY statement: the operator "
                 "builds the COPY itself"

@@ -234,7 +234,7 @@ def test_asset_uri_forms() -> None:
     from airflow.sdk import Asset
 
     from airflow_copyman._assets import asset_uri
-    from airflow_copyman.load._relation import Relation
+    from airflow_copyman.load.catalog.relation import Relation
 
     plain = Relation("shop", "public", "orders")
     assert asset_uri("db.example", None, plain) == "postgres://db.example:5432/shop/public/orders"
@@ -275,7 +275,7 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from airflow_copyman._assets import emit
     from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
-    from airflow_copyman.load._relation import Relation
+    from airflow_copyman.load.catalog.relation import Relation
     from airflow_copyman.operators.copyman import CopyManOperator, _StateMirror
 
     monkeypatch.setenv("AIRFLOW_CONN_PG_A", "postgresql://someone:s3cret@db.example:6432/shop")

@@ -30,8 +30,9 @@ from airflow_copyman.hooks.copyman import (
     Destination,
     TransferReport,
 )
-from airflow_copyman.load import _plan, _session
-from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load.catalog import tables as catalog_tables
+from airflow_copyman.load.connection import settings
+from airflow_copyman.load.ledger.table import Ledger, TaskKey
 
 FORMATS = ("text", "csv", "binary")
 
@@ -65,20 +66,20 @@ def transfer(source: str, sql: str, *destinations: Destination, **kwargs: Any) -
 
 
 def test_pinned_options_come_after_the_connections_own() -> None:
-    options = _session.startup_options("-c DateStyle=German -c search_path=app")
+    options = settings.startup_options("-c DateStyle=German -c search_path=app")
     assert options.startswith("-c DateStyle=German -c search_path=app -c client_encoding=UTF8")
     assert options.endswith("-c xmloption=content")
-    args = _session.connect_args({"client_encoding": "LATIN1", "host": "h"})
+    args = settings.connect_args({"client_encoding": "LATIN1", "host": "h"})
     assert args["client_encoding"] == "UTF8" and args["host"] == "h"
 
 
 def test_oid_alias_types_are_never_binary_safe() -> None:
-    for name in _plan.OID_ALIAS_TYPES:
+    for name in catalog_tables.OID_ALIAS_TYPES:
         for type_name in (name, f"{name}[]"):
-            column = _plan.Column("c", 2205, type_name, "b")
-            assert not _plan.binary_safe([column], [column]), type_name
-    integer = _plan.Column("c", 23, "integer", "b")
-    assert _plan.binary_safe([integer], [integer])
+            column = catalog_tables.Column("c", 2205, type_name, "b")
+            assert not catalog_tables.binary_safe([column], [column]), type_name
+    integer = catalog_tables.Column("c", 23, "integer", "b")
+    assert catalog_tables.binary_safe([integer], [integer])
 
 
 # Characters, not bytes.
@@ -260,7 +261,7 @@ def test_every_connection_runs_the_pinned_settings(
     with CopyManHook("pg_odd_src").get_conn() as conn:
         shown = dict(conn.execute(
             "SELECT lower(name), setting FROM pg_settings WHERE lower(name) = ANY(%s)",
-            [[k.lower() for k in _session.PINNED]],
+            [[k.lower() for k in settings.PINNED]],
         ).fetchall())
     assert shown == {
         "client_encoding": "UTF8", "datestyle": "ISO, MDY", "intervalstyle": "postgres",
@@ -275,7 +276,7 @@ def test_a_connection_without_the_pinned_settings_is_refused(
     src, dst = odd_sessions
     point(monkeypatch, pg_odd_src=src, pg_odd_dst=dst)
     monkeypatch.setattr(
-        _session, "connect_args", lambda args: {**args, "client_encoding": "UTF8"}
+        settings, "connect_args", lambda args: {**args, "client_encoding": "UTF8"}
     )
     with pytest.raises(CopyManConfigError) as info:
         transfer("pg_odd_src", "vals", Destination("pg_odd_dst", "vals_text"))
@@ -561,7 +562,7 @@ def test_the_checks_and_the_copy_read_one_snapshot(
 ) -> None:
     """A row committed on the source after the checks began is not copied: the checks and
     the copy see one snapshot."""
-    from airflow_copyman.load import _run as _load
+    from airflow_copyman.load import transfer as _load
 
     src, dst = readonly_source
     planned = _load.Transfer._plan

@@ -14,8 +14,8 @@ from af_support import Database, PgServers, create_orders, create_orders_table, 
 from airflow_copyman import copyman
 from airflow_copyman._outcome import CopyManDestinationsFailed, CopyManPermanentFailure
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
-from airflow_copyman.load import _bounded, _endpoint, _session
-from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load.connection import bounded, endpoint, settings
+from airflow_copyman.load.ledger.table import Ledger, TaskKey
 from airflow_copyman.testing.proxy import TcpProxy
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -60,30 +60,30 @@ def test_the_session_check_after_connecting_is_bounded(
     that one check is not left on a connection the hook hands out."""
     db = pg.database(pg.dst1, "checkbound")
     a = db.address
-    monkeypatch.setattr(_bounded, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(bounded, "CONNECT_TIMEOUT", 1)
     with TcpProxy(a.host, a.port) as proxy:
         args = {"host": proxy.host, "port": proxy.port, "user": a.user,
                 "password": a.password, "dbname": db.name}
-        conn = _bounded.BoundedConnection.connect(**_session.connect_args(args))
-        _endpoint.prepare(conn)
+        conn = bounded.BoundedConnection.connect(**settings.connect_args(args))
+        endpoint.prepare(conn)
         assert conn.bounds is None  # the check's bound is gone again
         conn.close()
-        conn = _bounded.BoundedConnection.connect(**_session.connect_args(args))
+        conn = bounded.BoundedConnection.connect(**settings.connect_args(args))
         proxy.set("to_client", "stall")
         outcome: list[BaseException] = []
 
         def check() -> None:
             try:
-                _endpoint.prepare(conn)
+                endpoint.prepare(conn)
             except BaseException as exc:
                 outcome.append(exc)
 
         # In a thread, so that a regression fails this test instead of hanging the suite.
         checker = threading.Thread(target=check, daemon=True)
         checker.start()
-        checker.join(1 + 2 * _bounded.CANCEL_WAIT + 3)
+        checker.join(1 + 2 * bounded.CANCEL_WAIT + 3)
         assert not checker.is_alive(), "the session check waited on a silent server"
-        assert outcome and isinstance(outcome[0], _bounded.StatementTimeout), outcome
+        assert outcome and isinstance(outcome[0], bounded.StatementTimeout), outcome
         assert "no answer" in str(outcome[0])
         conn.close()
 
@@ -93,25 +93,25 @@ def test_statements_end_on_a_stalled_link_a_lock_and_a_stop(pg: PgServers) -> No
     db.execute("CREATE TABLE locked (id int)")
     a = db.address
     with TcpProxy(a.host, a.port) as proxy:
-        conn = _bounded.BoundedConnection.connect(
+        conn = bounded.BoundedConnection.connect(
             host=proxy.host, port=proxy.port, user=a.user, password=a.password,
             dbname=db.name,
         )
-        conn.bounds = _bounded.Bounds(1.0)
+        conn.bounds = bounded.Bounds(1.0)
         assert conn.execute("SELECT 1").fetchone() == (1,)
         conn.rollback()
         # A link that stalls: the reply never comes; the wait ends, the connection closes.
         proxy.set("to_client", "stall")
         started = time.monotonic()
-        with pytest.raises(_bounded.StatementTimeout, match="no answer"):
+        with pytest.raises(bounded.StatementTimeout, match="no answer"):
             conn.execute("SELECT 2")
-        assert time.monotonic() - started < 1.0 + 2 * _bounded.CANCEL_WAIT + 1
+        assert time.monotonic() - started < 1.0 + 2 * bounded.CANCEL_WAIT + 1
         assert conn.closed
     # A lock wait: cancelled at the deadline, the connection usable after a rollback.
-    with db.connect() as holder, _bounded.BoundedConnection.connect(db.uri()) as conn:
+    with db.connect() as holder, bounded.BoundedConnection.connect(db.uri()) as conn:
         holder.execute("LOCK TABLE locked")
-        conn.bounds = _bounded.Bounds(0.5)
-        with pytest.raises(_bounded.StatementTimeout):
+        conn.bounds = bounded.Bounds(0.5)
+        with pytest.raises(bounded.StatementTimeout):
             conn.execute("SELECT * FROM locked")
         conn.rollback()
         assert conn.execute("SELECT 3").fetchone() == (3,)
@@ -119,7 +119,7 @@ def test_statements_end_on_a_stalled_link_a_lock_and_a_stop(pg: PgServers) -> No
         # A stop: the owning thread cancels, reads the statement's end; the next statement
         # is not cancelled.
         conn.rollback()
-        conn.bounds = _bounded.Bounds(30.0)
+        conn.bounds = bounded.Bounds(30.0)
         threading.Timer(0.3, conn.bounds.stop.set).start()
         started = time.monotonic()
         with pytest.raises(copyman.Cancelled):
@@ -148,8 +148,8 @@ def test_a_server_that_never_answers_fails_transient_in_bounded_time(
     assert "connecting" in (mute.error or "") and "timeout" in (mute.error or "")
     assert elapsed < 10, elapsed
     # Without connect_timeout in the connection, the default bounds the wait.
-    assert _bounded.connect_args({"host": "h"})["connect_timeout"] == _bounded.CONNECT_TIMEOUT
-    assert _bounded.CONNECT_TIMEOUT <= 30
+    assert bounded.connect_args({"host": "h"})["connect_timeout"] == bounded.CONNECT_TIMEOUT
+    assert bounded.CONNECT_TIMEOUT <= 30
 
 
 def _stop_after(hook: CopyManHook, seconds: float) -> threading.Timer:

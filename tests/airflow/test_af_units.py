@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 from airflow_copyman import copyman
-from airflow_copyman.load import _classify, _estimate, _names, _plan
-from airflow_copyman.load._plan import Column, Source, TableName
+from airflow_copyman.load.catalog import estimates, hints, tables
+from airflow_copyman.load.catalog.tables import Column, Source, TableName
+from airflow_copyman.load.connection import classify
 
 
 @pytest.mark.parametrize(
@@ -48,56 +49,56 @@ def test_source_statements() -> None:
     assert query.copy_out("csv", columns).as_string() == (
         "COPY (\nSELECT 1 AS a -- trailing comment\n) TO STDOUT (FORMAT csv)"
     )
-    statement = _plan.copy_in(TableName("a", "T"), ["id", "x y"], "text")
+    statement = tables.copy_in(TableName("a", "T"), ["id", "x y"], "text")
     assert statement.as_string() == 'COPY "a"."T" ("id", "x y") FROM STDIN (FORMAT text)'
 
 
 @pytest.mark.parametrize("text", ["COPY orders TO STDOUT", "  -- c\n copy (select 1) to stdout"])
 def test_copy_statements_are_refused(text: str) -> None:
-    with pytest.raises(_plan.PlanError, match="not a COPY statement"):
+    with pytest.raises(tables.PlanError, match="not a COPY statement"):
         Source.parse(text)
 
 
 def test_columns_and_formats() -> None:
     # Column names are names, as given: checked against the table when it is described.
-    assert _plan.parse_columns(["id", "Amount", "a b"], "t") == ["id", "Amount", "a b"]
+    assert tables.parse_columns(["id", "Amount", "a b"], "t") == ["id", "Amount", "a b"]
     for bad in (["id", "id"], [], "id", [""], [" "], [3]):
-        with pytest.raises(_plan.PlanError):
-            _plan.parse_columns(bad, "t")  # type: ignore[arg-type]
-    assert _plan.normalize_format(None) is None
-    assert _plan.normalize_format("CSV") == "csv"
-    with pytest.raises(_plan.PlanError, match="format must be one of"):
-        _plan.normalize_format("parquet")
+        with pytest.raises(tables.PlanError):
+            tables.parse_columns(bad, "t")  # type: ignore[arg-type]
+    assert tables.normalize_format(None) is None
+    assert tables.normalize_format("CSV") == "csv"
+    with pytest.raises(tables.PlanError, match="format must be one of"):
+        tables.normalize_format("parquet")
 
 
 def test_column_names_resolve_exactly_then_as_sql_with_a_warning() -> None:
     available = ["Id", "id", "Amount", "x y"]
-    assert _names.resolve_columns(["Id", "id", "x y"], available, "t") == ["Id", "id", "x y"]
-    with pytest.warns(_names.CopyManDeprecationWarning, match="write the plain name 'Amount'"):
-        assert _names.resolve_columns(['"Amount"'], available, "t") == ["Amount"]
-    with pytest.raises(_plan.PlanError, match=r"has no column 'amount' \(did you mean 'Amount'"):
-        _names.resolve_columns(["amount"], available, "t")
-    with pytest.raises(_plan.PlanError, match="listed twice"), pytest.warns(
-        _names.CopyManDeprecationWarning
+    assert hints.resolve_columns(["Id", "id", "x y"], available, "t") == ["Id", "id", "x y"]
+    with pytest.warns(hints.CopyManDeprecationWarning, match="write the plain name 'Amount'"):
+        assert hints.resolve_columns(['"Amount"'], available, "t") == ["Amount"]
+    with pytest.raises(tables.PlanError, match=r"has no column 'amount' \(did you mean 'Amount'"):
+        hints.resolve_columns(["amount"], available, "t")
+    with pytest.raises(tables.PlanError, match="listed twice"), pytest.warns(
+        hints.CopyManDeprecationWarning
     ):
-        _names.resolve_columns(["Amount", '"Amount"'], available, "t")
+        hints.resolve_columns(["Amount", '"Amount"'], available, "t")
 
 
 def test_progress_notes() -> None:
-    estimate = _estimate.SizeEstimate(20_000, "table statistics")
-    assert _estimate.progress_note(None, 100, 1.0) == ""
-    assert _estimate.progress_note(estimate, 9_000, 10.0) == (
+    estimate = estimates.SizeEstimate(20_000, "table statistics")
+    assert estimates.progress_note(None, 100, 1.0) == ""
+    assert estimates.progress_note(estimate, 9_000, 10.0) == (
         ", ~45% of ~20,000 rows (estimate), ~12s left (estimate)"
     )
-    assert _estimate.progress_note(estimate, 2_000, 8.9) == (
+    assert estimates.progress_note(estimate, 2_000, 8.9) == (
         ", ~10% of ~20,000 rows (estimate), ~1m20s left (estimate)"
     )
     # Never 100% while the copy runs, and no time left once the estimate proves low.
-    assert _estimate.progress_note(estimate, 19_999, 60.0).startswith(", ~99% of")
-    assert _estimate.progress_note(estimate, 25_000, 60.0) == (
+    assert estimates.progress_note(estimate, 19_999, 60.0).startswith(", ~99% of")
+    assert estimates.progress_note(estimate, 25_000, 60.0) == (
         ", ~99% (more rows than the ~20,000 estimated; time left unknown)"
     )
-    assert [_estimate.duration(s) for s in (0.4, 59.6, 80, 3600 * 2 + 300)] == [
+    assert [estimates.duration(s) for s in (0.4, 59.6, 80, 3600 * 2 + 300)] == [
         "0s", "1m00s", "1m20s", "2h05m",
     ]
 
@@ -108,11 +109,11 @@ def test_binary_only_for_identical_portable_types() -> None:
     enum_src = Column("m", 16400, "mood", "e")
     enum_dst = Column("m", 16999, "mood", "e")
     composite = Column("c", 16500, "pair", "c")
-    assert _plan.binary_safe([int4, enum_src], [int4, enum_dst])
-    assert not _plan.binary_safe([int4], [int8])
-    assert not _plan.binary_safe([composite], [composite])
-    assert not _plan.binary_safe([int4], [int4, int4])
-    assert _plan.first_type_difference([int4], [int8]) == "a integer -> a bigint"
+    assert tables.binary_safe([int4, enum_src], [int4, enum_dst])
+    assert not tables.binary_safe([int4], [int8])
+    assert not tables.binary_safe([composite], [composite])
+    assert not tables.binary_safe([int4], [int4, int4])
+    assert tables.first_type_difference([int4], [int8]) == "a integer -> a bigint"
 
 
 @pytest.mark.parametrize(
@@ -146,15 +147,15 @@ def test_binary_only_for_identical_portable_types() -> None:
     ],
 )
 def test_classification(exc: BaseException, permanent: bool) -> None:
-    assert _classify.is_permanent(exc) is permanent
+    assert classify.is_permanent(exc) is permanent
 
 
 def test_describe_redacts_secrets() -> None:
     exc = psycopg.errors.RaiseException("leak p@ss/word!\nCONTEXT: line 2")
-    text = _classify.describe(exc, ["p@ss/word!"])
+    text = classify.describe(exc, ["p@ss/word!"])
     assert text == "RaiseException [P0001]: leak ***"
-    assert "p%40ss%2Fword%21" not in _classify.redact("uri p%40ss%2Fword%21", ["p@ss/word!"])
-    assert _classify.redact("host=h password='x y' user=u", []) == "host=h password=*** user=u"
+    assert "p%40ss%2Fword%21" not in classify.redact("uri p%40ss%2Fword%21", ["p@ss/word!"])
+    assert classify.redact("host=h password='x y' user=u", []) == "host=h password=*** user=u"
 
 
 class DictStore:
