@@ -25,7 +25,7 @@ from urllib.parse import quote
 from airflow.sdk import Asset, AssetAlias, BaseHook
 
 from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
-from airflow_copyman.load.catalog.relation import Relation
+from airflow_copyman.load import Relation
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator

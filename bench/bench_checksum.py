@@ -47,7 +47,8 @@ from psycopg import sql  # noqa: E402
 from airflow_copyman import load  # noqa: E402
 from airflow_copyman.load.connection import settings as session_settings  # noqa: E402
 from airflow_copyman.load.connection.bounded import Bounds  # noqa: E402
-from airflow_copyman.load.verify import compare, readback  # noqa: E402
+from airflow_copyman.load.phases import verify  # noqa: E402
+from airflow_copyman.load.verify import readback  # noqa: E402
 from airflow_copyman.testing.servers import create_database, throwaway_servers  # noqa: E402
 
 DB = "bench"
@@ -64,9 +65,9 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
     destination = load.postgres("dst", dst_server.address.conninfo(DB))
     quiet = logging.getLogger("bench.quiet")
     quiet.setLevel(logging.WARNING)
-    streams = compare.streams
+    streams = verify.streams
     if mode == "checksum-by-text":
-        compare.streams = lambda state, target: False  # type: ignore[assignment]
+        verify.streams = lambda state, target: False  # type: ignore[assignment]
     try:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -82,7 +83,7 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
         t1 = time.perf_counter()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        compare.streams = streams  # type: ignore[assignment]
+        verify.streams = streams  # type: ignore[assignment]
     (result,) = report.destinations
     assert result.status == "loaded", result
     if mode != "count":

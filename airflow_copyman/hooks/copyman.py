@@ -35,10 +35,7 @@ from airflow_copyman._destinations import (
     config_error,
     destinations_from,
 )
-from airflow_copyman.load import APPLICATION_NAME, CONNECT_TIMEOUT
-from airflow_copyman.load.catalog import tables
-from airflow_copyman.load.connection import bounded, endpoint, settings
-from airflow_copyman.load.ledger.table import Ledger
+from airflow_copyman.load import APPLICATION_NAME, CONNECT_TIMEOUT, PROGRESS_INTERVAL
 
 if TYPE_CHECKING:
     from airflow_copyman.load import Transfer
@@ -61,8 +58,6 @@ __all__ = [
 
 #: Connection types the hook accepts (``postgresql://`` URIs normalise to ``postgres``).
 POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
-#: Seconds between two progress lines in the task log.
-PROGRESS_INTERVAL = 5.0
 
 
 class CopyManHook(PostgresHook):
@@ -145,7 +140,7 @@ class CopyManHook(PostgresHook):
             )
         try:
             # Tuple rows (the "cursor" extra may ask for dicts), the session checked.
-            endpoint.prepare(conn)
+            load.prepare_connection(conn)
         except BaseException:
             conn.close()
             raise
@@ -179,10 +174,9 @@ class CopyManHook(PostgresHook):
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        # Bounded waits (airflow_copyman.load.connection.bounded): a default connect_timeout, and a
+        # Bounded waits (the load layer's): a default connect_timeout, and a
         # connection class whose statements a transfer can bound and stop.
-        conn_args = bounded.connect_args(settings.connect_args(conn_args))
-        conn = bounded.BoundedConnection.connect(**conn_args)
+        conn = load.BoundedConnection.connect(**load.connection_args(conn_args))
         register_default_adapters(conn)
         if self.enable_log_db_messages:
             conn.add_notice_handler(self._notice_handler)
@@ -195,9 +189,9 @@ class CopyManHook(PostgresHook):
         sql: str,
         destinations: Sequence[Destination | Mapping[str, Any]],
         *,
-        parameters: tables.Params | None = None,
+        parameters: load.Params | None = None,
         format: str | None = None,
-        ledger: Ledger | None = None,
+        ledger: load.Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
         loaded_before: Callable[[DestinationResult], load.Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
@@ -208,6 +202,7 @@ class CopyManHook(PostgresHook):
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
         verify: str = "count",
+        options: load.LoadOptions | None = None,
     ) -> TransferReport:
         """Copy the rows of ``sql`` (a query or a table name) from this hook's connection
         into every destination, in one pass over the source.
@@ -232,6 +227,8 @@ class CopyManHook(PostgresHook):
         the rows each destination wrote before it commits (default ``"count"``: the COPYs'
         row counts). ``max_bytes_per_second`` caps the copy: at most that many bytes read from the
         source in any second (None: no cap); its waits count towards no time-out.
+        ``options``: the load's options as one :class:`~airflow_copyman.load.LoadOptions`
+        (``parameters`` to ``verify`` are then not used).
 
         :raises CopyManConfigError: bad input, found before any destination was written.
         :raises CopyManDestinationsFailed: a destination failed (``CopyManPermanentFailure``,
@@ -250,7 +247,7 @@ class CopyManHook(PostgresHook):
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
                 lock_timeout=lock_timeout,
                 min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,
-                verify=verify, log=self.log,
+                verify=verify, log=self.log, options=options,
             )
             self._transfer = run
             report = run.run()

@@ -1,17 +1,28 @@
-"""Checks of the arguments of a transfer, shared by the operator and the hook.
+"""The options of a load (:class:`LoadOptions`), checked once, and the checks of the other
+arguments of a transfer.
 
 Bad arguments must fail before any connection is used: when the DAG is parsed for the
-values known then (``CopyManOperator.__init__``), otherwise on the first try before
-connecting (templated values, after rendering; ``CopyManHook.transfer``). Each check names
-the argument. This module imports no Airflow module.
+values known then (``CopyManOperator.__init__`` calls :meth:`LoadOptions.check_known`),
+otherwise on the first try before connecting (templated values, after rendering:
+:meth:`LoadOptions.from_rendered`). Each check names the argument. This module imports no
+Airflow module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
+
+from airflow_copyman.copyman import RECEIVER_TIMEOUT
+from airflow_copyman.load.catalog.tables import Format, Params, PlanError, normalize_format
+
+#: Seconds a load waits for any one lock, unless told otherwise.
+LOCK_TIMEOUT = 60.0
+#: Seconds between two progress lines, unless a load says otherwise.
+PROGRESS_INTERVAL = 5.0
 
 
 class ArgumentError(ValueError):
@@ -135,3 +146,81 @@ def count(name: str, value: Any) -> int:
     if value < 0:
         raise ArgumentError(f"{name} must be zero or more, got {value!r}")
     return value
+
+
+def _format(value: Any) -> Format | None:
+    try:
+        return normalize_format(value)
+    except PlanError as exc:
+        raise ArgumentError(str(exc)) from None
+
+
+def _parameters(value: Any) -> Params | None:
+    parameters(value)
+    return value or None  # type: ignore[no-any-return]
+
+
+#: Each option's check, in the order they are checked: it returns the value to keep or
+#: raises :class:`ArgumentError` naming the option.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "parameters": _parameters,
+    "receiver_timeout": lambda v: seconds("receiver_timeout", v, zero_ok=False),
+    "lock_timeout": lambda v: seconds("lock_timeout", v, zero_ok=False),
+    "progress_interval": lambda v: seconds("progress_interval", v, zero_ok=True),
+    "min_rows": lambda v: count("min_rows", v),
+    "max_bytes_per_second": lambda v: bytes_per_second("max_bytes_per_second", v),
+    "verify": verify,
+    "format": _format,
+}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options of one load, checked when it is built (:class:`ArgumentError`, a
+    ``ValueError``, names the option): ``load.run``, :class:`~airflow_copyman.load.Transfer`,
+    the hook and the operator all build one, so the checks live here only.
+
+    ``format``: ``"binary"``, ``"text"``, ``"csv"`` or None (the load picks). ``parameters``:
+    the query's (a sequence for ``%s``, a mapping for ``%(name)s``). ``verify``: ``"count"``
+    or ``"checksum"``. ``receiver_timeout``: the deadline of every statement and of the copy's
+    silences; ``lock_timeout``: of every lock wait. ``progress_interval``: seconds between two
+    progress reports (0: every chance). ``min_rows``: fewer rows from the source fail the
+    load. ``max_bytes_per_second``: a cap on what is read from the source (None: none).
+    """
+
+    format: str | None = None
+    parameters: Params | None = None
+    verify: str = "count"
+    receiver_timeout: float = RECEIVER_TIMEOUT
+    lock_timeout: float = LOCK_TIMEOUT
+    progress_interval: float = PROGRESS_INTERVAL
+    min_rows: int = 0
+    max_bytes_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            object.__setattr__(self, name, check(getattr(self, name)))
+
+    @classmethod
+    def check_known(cls, templated: Collection[str] = (), **values: Any) -> None:
+        """Check the ``values`` known now (at DAG parse time): a value of an option named in
+        ``templated`` that is still a template or an ``XComArg`` is checked later, by
+        :meth:`from_rendered`."""
+        unknown = set(values) - set(_CHECKS)
+        if unknown:
+            raise TypeError(f"not options of a load: {', '.join(sorted(unknown))}")
+        for name, check in _CHECKS.items():
+            if name in values and not (name in templated and is_deferred(values[name])):
+                check(values[name])
+
+    @classmethod
+    def from_rendered(cls, **values: Any) -> LoadOptions:
+        """The options from values Jinja may have rendered as text (``"None"``, ``"100"``)."""
+        if "max_bytes_per_second" in values:
+            values["max_bytes_per_second"] = bytes_per_second(
+                "max_bytes_per_second", values["max_bytes_per_second"], rendered=True
+            )
+        return cls(**values)
+
+
+OPTION_NAMES = tuple(f.name for f in fields(LoadOptions))

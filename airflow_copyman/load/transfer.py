@@ -18,11 +18,12 @@ from typing import Any
 import psycopg
 
 from airflow_copyman import copyman
-from airflow_copyman.load import options
+from airflow_copyman.load import options as checks
 from airflow_copyman.load.catalog import estimates, tables
-from airflow_copyman.load.connection import bounded, locks
+from airflow_copyman.load.connection import bounded
 from airflow_copyman.load.connection.endpoint import Endpoint
 from airflow_copyman.load.ledger.table import Entry, Ledger
+from airflow_copyman.load.options import LOCK_TIMEOUT, PROGRESS_INTERVAL, LoadOptions
 from airflow_copyman.load.phases.commit import Committing
 from airflow_copyman.load.phases.connect import Connecting
 from airflow_copyman.load.phases.copy import Copying
@@ -56,51 +57,54 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         ledger: Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
         loaded_before: Callable[[DestinationResult], Entry | None] | None = None,
-        progress_interval: float = 5.0,
+        progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
-        lock_timeout: float = locks.LOCK_TIMEOUT,
+        lock_timeout: float = LOCK_TIMEOUT,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
         verify: str = "count",
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        options: LoadOptions | None = None,
     ) -> None:
+        """The keyword options (``parameters`` to ``verify``) build a :class:`LoadOptions`;
+        or give one as ``options`` (the keyword options are then not used)."""
         self.origin = source
         self.log = log or logging.getLogger("airflow_copyman.load")
         self.sql = sql
         self.endpoint_of = endpoints if callable(endpoints) else endpoints.__getitem__
         # Every argument is checked before any connection is used.
         try:
-            options.sql(sql)
-            options.parameters(parameters)
-            options.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
-            self.lock_timeout = options.seconds("lock_timeout", lock_timeout, zero_ok=False)
-            options.seconds("progress_interval", progress_interval, zero_ok=True)
-            self.min_rows = options.count("min_rows", min_rows)
-            self.max_bytes_per_second = options.bytes_per_second(
-                "max_bytes_per_second", max_bytes_per_second
-            )
-            self.verify = options.verify(verify)
+            checks.sql(sql)
+            if options is None:
+                options = LoadOptions(
+                    format=format, parameters=parameters, verify=verify,
+                    receiver_timeout=receiver_timeout, lock_timeout=lock_timeout,
+                    progress_interval=progress_interval, min_rows=min_rows,
+                    max_bytes_per_second=max_bytes_per_second,
+                )
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
-                raise options.ArgumentError(
+                raise checks.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
                 )
-            self.requested_format = tables.normalize_format(format)
-        except (options.ArgumentError, tables.PlanError) as exc:
+            if ledger is not None:
+                checks.ledger_schema(ledger.schema)
+        except checks.ArgumentError as exc:
             raise ConfigError(f"{exc}") from None
-        if ledger is not None:
-            try:
-                options.ledger_schema(ledger.schema)
-            except options.ArgumentError as exc:
-                raise ConfigError(f"{exc}") from None
+        self.options = options
+        self.lock_timeout = options.lock_timeout
+        self.min_rows = options.min_rows
+        self.max_bytes_per_second = options.max_bytes_per_second
+        self.verify = options.verify
+        self.requested_format = tables.normalize_format(options.format)
         self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
-        self.parameters = parameters or None
+        self.parameters = options.parameters
         #: The deadline of every statement, and the flag that stops the transfer.
-        self.bounds = bounded.Bounds(receiver_timeout)
+        self.bounds = bounded.Bounds(options.receiver_timeout)
         self.ledger = ledger
         self.on_commit = on_commit
         self.loaded_before = loaded_before
-        self.progress_interval = progress_interval
-        self.receiver_timeout = receiver_timeout
+        self.progress_interval = options.progress_interval
+        self.receiver_timeout = options.receiver_timeout
         self.targets: list[Target] = []
         self.src: psycopg.Connection[Any] | None = None
         self.format: tables.Format | None = None

@@ -33,10 +33,7 @@ from airflow_copyman._outcome import (
     failure_of,
 )
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
-from airflow_copyman.load import options
-from airflow_copyman.load.catalog import tables
-from airflow_copyman.load.catalog.relation import Relation
-from airflow_copyman.load.ledger.table import Entry, Ledger, TaskKey
+from airflow_copyman.load import Entry, Ledger, Relation, TaskKey
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -168,25 +165,21 @@ class CopyManOperator(BaseOperator):
         # arguments fails when it is parsed, not when it runs. Templated values are
         # checked after rendering, before any connection is used.
         try:
-            tables.normalize_format(format)
-            if not options.is_deferred(sql):
-                options.sql(sql)
-            options.seconds("receiver_timeout", receiver_timeout, zero_ok=False)
-            options.seconds("lock_timeout", lock_timeout, zero_ok=False)
-            options.seconds("progress_interval", progress_interval, zero_ok=True)
-            if not options.is_deferred(max_bytes_per_second):
-                options.bytes_per_second("max_bytes_per_second", max_bytes_per_second)
-            if not options.is_deferred(parameters):
-                options.parameters(parameters)
-            options.ledger_schema(ledger_schema)
-            if not options.is_deferred(min_rows):
-                options.count("min_rows", min_rows)
-            options.verify(verify)
+            if not load.is_deferred(sql):
+                load.check_sql(sql)
+            load.LoadOptions.check_known(
+                templated=self.template_fields,
+                format=format, parameters=parameters, verify=verify,
+                receiver_timeout=receiver_timeout, lock_timeout=lock_timeout,
+                progress_interval=progress_interval, min_rows=min_rows,
+                max_bytes_per_second=max_bytes_per_second,
+            )
+            load.check_ledger_schema(ledger_schema)
             if not isinstance(ledger, bool):
-                raise options.ArgumentError(
+                raise load.ArgumentError(
                     f"ledger must be true or false, got {type(ledger).__name__}"
                 )
-        except (tables.PlanError, options.ArgumentError) as exc:
+        except load.ArgumentError as exc:
             raise ValueError(f"{self.task_id}: {exc}") from None
         if isinstance(sql, str) and copyman.is_copy_statement(sql):
             raise ValueError(
@@ -223,12 +216,14 @@ class CopyManOperator(BaseOperator):
         ti = context["ti"]
         try:
             specs = self._destination_specs()
-            options.parameters(self.parameters)  # rendered now
-            cap = options.bytes_per_second(
-                "max_bytes_per_second", self.max_bytes_per_second, rendered=True
+            # The templated options are rendered now: checked like the others.
+            options = load.LoadOptions.from_rendered(
+                format=self.format, parameters=self.parameters, verify=self.verify,
+                receiver_timeout=self.receiver_timeout, lock_timeout=self.lock_timeout,
+                progress_interval=self.progress_interval, min_rows=self.min_rows,
+                max_bytes_per_second=self.max_bytes_per_second,
             )
-            min_rows = options.count("min_rows", self.min_rows)  # rendered now
-        except options.ArgumentError as exc:
+        except load.ArgumentError as exc:
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
             raise CopyManPermanentFailure(str(exc)) from None
@@ -273,22 +268,15 @@ class CopyManOperator(BaseOperator):
                 report = hook.transfer(
                     self.sql,
                     pending,
-                    parameters=self.parameters,
-                    format=self.format,
+                    options=options,
                     ledger=ledger,
                     on_commit=lambda result: state.record(result, ti.try_number),
                     # Without a ledger: the record by the table the server resolved.
                     loaded_before=state.loaded_as if ledger is None else None,
-                    progress_interval=self.progress_interval,
-                    receiver_timeout=self.receiver_timeout,
-                    lock_timeout=self.lock_timeout,
                     # A load waiting for a table this one holds names its DAG, task, run.
                     application_name=load.application_name_for(
                         ti.dag_id, ti.task_id, ti.run_id, map_index
                     ),
-                    min_rows=min_rows,
-                    max_bytes_per_second=cap,
-                    verify=self.verify,
                     raise_on_failure=False,
                 )
             else:
@@ -339,8 +327,8 @@ class CopyManOperator(BaseOperator):
         if not destinations:
             raise CopyManConfigError("destinations is empty: give at least one")
         try:
-            options.sql(self.sql)
-        except options.ArgumentError as exc:
+            load.check_sql(self.sql)
+        except load.ArgumentError as exc:
             raise CopyManConfigError(str(exc)) from None
         if copyman.is_copy_statement(self.sql):
             raise CopyManConfigError(

@@ -23,13 +23,12 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg import pq
 
-if TYPE_CHECKING:
-    from airflow_copyman.load.catalog.tables import TableName
+from airflow_copyman.load.catalog.names import COLUMN_NAME, PlanError, TableName, unquote
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,8 @@ class CopyManDeprecationWarning(DeprecationWarning):
 def sql_reading(text: str) -> str | None:
     """How PostgreSQL reads ``text`` as one SQL identifier (``"Id"`` -> ``Id``, ``ID`` ->
     ``id``), or None if it is not one: how column names were read before."""
-    from airflow_copyman.load.catalog.tables import _COLUMN_NAME, _unquote
-
-    match = _COLUMN_NAME.match(text)
-    return _unquote(match.group(1)) if match else None
+    match = COLUMN_NAME.match(text)
+    return unquote(match.group(1)) if match else None
 
 
 def _loose(name: str) -> str:
@@ -59,8 +56,6 @@ def resolve_columns(given: Sequence[str], available: Sequence[str], table: str) 
     :raises PlanError: a name matches no column (with a hint where one differs only in case
         or quoting), or two names are the same column.
     """
-    from airflow_copyman.load.catalog.tables import PlanError
-
     existing = set(available)
     resolved: list[str] = []
     missing: list[str] = []

@@ -55,11 +55,16 @@ class Endpoint:
         return f"{self.name} ({self.description})" if self.description else self.name
 
 
+def connection_args(conn_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``conn_args`` with the pinned session settings and a default ``connect_timeout``."""
+    return bounded.connect_args(settings.connect_args(conn_args))
+
+
 def open_connection(conn_args: Mapping[str, Any]) -> psycopg.Connection[Any]:
     """A new connection from libpq keywords, ready for a load: the pinned session
     settings (checked), a default ``connect_timeout``, statements a load can bound and
     stop, plain tuple rows, outside autocommit."""
-    args = bounded.connect_args(settings.connect_args(conn_args))
+    args = connection_args(conn_args)
     conn = bounded.BoundedConnection.connect(**args)
     register_default_adapters(conn)
     try:

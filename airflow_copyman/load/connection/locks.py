@@ -28,8 +28,6 @@ from airflow_copyman.load.spec import LoadError
 #: A statement and its parameters.
 Query = tuple[sql.SQL, list[Any]]
 
-#: Seconds a load waits for any one lock, unless told otherwise.
-LOCK_TIMEOUT = 60.0
 #: Longest single try for TRUNCATE's ACCESS EXCLUSIVE lock: readers that arrive meanwhile
 #: queue behind the waiting TRUNCATE at most this long.
 ATTEMPT = 0.5

@@ -13,11 +13,11 @@ from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.ledger.table import Extras
 from airflow_copyman.load.phases.locks import TableLocking
 from airflow_copyman.load.phases.state import Target
+from airflow_copyman.load.phases.verify import Verifying
 from airflow_copyman.load.spec import (
     LoadError,
     TooFewRowsError,
 )
-from airflow_copyman.load.verify.compare import Verifying
 
 
 class Committing(Verifying, TableLocking):

@@ -13,10 +13,10 @@ from airflow_copyman import copyman
 from airflow_copyman.load.catalog import estimates
 from airflow_copyman.load.connection import classify, locks
 from airflow_copyman.load.modes import create
+from airflow_copyman.load.phases import verify
 from airflow_copyman.load.phases.locks import TableLocking
 from airflow_copyman.load.phases.state import Target, size
 from airflow_copyman.load.spec import ConfigError
-from airflow_copyman.load.verify import compare
 
 
 class Copying(TableLocking):
@@ -41,9 +41,9 @@ class Copying(TableLocking):
                     target.table, target.planned, mode.key or None,
                     nulls_match=target.spec.key_nulls == "match",
                 ))
-            if self.verify == "checksum" and not compare.streams(self, target):
+            if self.verify == "checksum" and not verify.streams(self, target):
                 doing = "describing the columns for the checksum"
-                compare.take_renderings(target)
+                verify.take_renderings(target)
             doing = f"starting mode={mode.name!r}"
             if mode.lock_mode == "ACCESS EXCLUSIVE" and not mode.created:
                 doing = "locking the table for TRUNCATE"
@@ -55,7 +55,7 @@ class Copying(TableLocking):
                 conn.execute(statement)  # type: ignore[call-overload]
             if self.verify == "checksum" and target.spec.statements:
                 doing = "taking the checksum of the rows before the COPY"
-                compare.take_baseline(self, target)
+                verify.take_baseline(self, target)
         except (locks.LockWaitTimeout, locks.CreatedMeanwhile) as exc:
             self._fail(target, exc, doing)
             self._rollback(target)
@@ -86,7 +86,7 @@ class Copying(TableLocking):
                 self.src,
                 self.source.copy_out(self.format, self.source_columns),
                 self.parameters,
-                # verify="checksum": the rows are digested as they pass (verify.compare).
+                # verify="checksum": the rows are digested as they pass (phases.verify).
                 digest=self.verify == "checksum",
             )
             receivers: dict[copyman.Receiver, Target] = {}
