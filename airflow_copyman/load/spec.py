@@ -11,7 +11,7 @@ import ast
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from airflow_copyman.load import options
 from airflow_copyman.load.catalog import tables
@@ -51,6 +51,37 @@ class TooFewRowsError(LoadError):
     """The source yielded fewer rows than ``min_rows``: late data may still arrive."""
 
     permanent = False
+
+
+@dataclass(frozen=True)
+class Append:
+    """``mode="append"``: the COPY adds the source's rows."""
+
+    name: ClassVar[str] = "append"
+
+
+@dataclass(frozen=True)
+class Replace:
+    """``mode="replace"``: the table holds exactly the source's rows, emptied ``using``
+    TRUNCATE or DELETE; ``cascade`` lets it reach tables referencing it."""
+
+    using: Literal["truncate", "delete"] = "truncate"
+    cascade: bool = False
+    name: ClassVar[str] = "replace"
+
+
+@dataclass(frozen=True)
+class Merge:
+    """``mode="merge"``: rows whose ``key`` is in the table are updated, the others inserted;
+    ``key_nulls``: ``refuse`` a NULL key, or ``match`` NULL keys as equal."""
+
+    key: tuple[str, ...]
+    key_nulls: Literal["refuse", "match"] = "refuse"
+    name: ClassVar[str] = "merge"
+
+
+#: A destination's load mode, typed (:attr:`Destination.load_mode`).
+LoadMode = Append | Replace | Merge
 
 
 @dataclass(frozen=True)
@@ -119,6 +150,15 @@ class Destination:
                 object.__setattr__(self, "key", _text_names(self.key, "'key'", one_name=True))
         if self.truncate is True and self.mode == "append":
             object.__setattr__(self, "mode", "replace")
+
+    @property
+    def load_mode(self) -> LoadMode:
+        """The mode as a typed value (of a checked destination: :meth:`from_value`)."""
+        if self.mode == "replace":
+            return Replace("delete" if self.replace_with == "delete" else "truncate", self.cascade)
+        if self.mode == "merge":
+            return Merge(tuple(self.key or ()), "match" if self.key_nulls == "match" else "refuse")
+        return Append()
 
     @property
     def statements(self) -> tuple[str, ...]:

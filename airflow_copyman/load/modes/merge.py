@@ -32,6 +32,7 @@ from psycopg import sql
 
 from airflow_copyman.copyman import _versions
 from airflow_copyman.load.catalog import hints, keytypes, tables
+from airflow_copyman.load.modes import statements
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.spec import DuplicateKeyError, LoadError
 
@@ -41,10 +42,6 @@ from airflow_copyman.load.spec import DuplicateKeyError, LoadError
 MIN_SERVER_VERSION = _versions.OLDEST_SUPPORTED * 10000
 #: work_mem of the merge's own statements (a hash of the staging table's keys fits).
 MERGE_WORK_MEM = "64MB"
-#: The staging table, in the session's own temporary schema.
-STAGE = sql.Identifier("pg_temp", "copyman_merge_stage")
-#: The alias the checksum and the read-back give the relation :meth:`Merge.written` names.
-READ_ALIAS = "r"
 
 
 class NullKeyError(LoadError):
@@ -125,14 +122,11 @@ class Merge(Mode):
         # so a transaction that starts again (a retry, a restarted copy) creates it anew.
         # Exactly the loaded columns, with the table's types (and typmods, collations); no
         # constraints, so the duplicate-key check below can say which key repeats.
-        conn.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
-            .format(STAGE, self._cols(), self.table.identifier)
-        )
+        conn.execute(statements.create_stage(self.table.identifier, self.columns))
 
     def copy_in(self, fmt: tables.Format) -> sql.Composed:
-        target = sql.SQL("{} ({})").format(STAGE, self._cols())
-        return sql.SQL("COPY {} FROM STDIN (FORMAT {})").format(target, sql.SQL(fmt))
+        assert self.columns is not None
+        return statements.copy_into_stage(self.columns, fmt)
 
     def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
         assert self.columns is not None
@@ -158,18 +152,7 @@ class Merge(Mode):
 
     def _refuse_null_keys(self, conn: psycopg.Connection[Any]) -> None:
         """A staged key with a NULL matches no row: every run would insert it again."""
-        counts = conn.execute(
-            sql.SQL("SELECT count(*), {per_key} FROM {s} WHERE {any_null}").format(
-                per_key=sql.SQL(", ").join(
-                    sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(k))
-                    for k in self.key
-                ),
-                s=STAGE,
-                any_null=sql.SQL(" OR ").join(
-                    sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in self.key
-                ),
-            )
-        ).fetchone()
+        counts = conn.execute(statements.null_key_count(self.key)).fetchone()
         assert counts is not None
         if not counts[0]:
             return
@@ -186,11 +169,8 @@ class Merge(Mode):
         # A unique index on the staging table is the cheapest check (a sort, about half a
         # hash aggregate's time) and its error names one duplicate key. Under "match",
         # NULLs are equal keys, so repeated ones are duplicates too.
-        nulls = sql.SQL(" NULLS NOT DISTINCT" if self.key_nulls == "match" else "")
         try:
-            conn.execute(
-                sql.SQL("CREATE UNIQUE INDEX ON {} ({}){}").format(STAGE, self._keys(), nulls)
-            )
+            conn.execute(statements.unique_key_index(self.key, nulls_match=self._nulls_match))
         except psycopg.errors.UniqueViolation as exc:
             duplicate = (exc.diag.message_detail or "").strip().rstrip(".")
             raise DuplicateKeyError(
@@ -205,14 +185,8 @@ class Merge(Mode):
         try:
             updated = self._update(conn)
             inserted = conn.execute(
-                sql.SQL("INSERT INTO {t} ({cols}) SELECT {scols} FROM {s} AS s WHERE NOT EXISTS "
-                        "(SELECT FROM {t} AS t WHERE {match})").format(
-                    t=self.table.identifier,
-                    cols=self._cols(),
-                    scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c))
-                                             for c in self.columns),
-                    s=STAGE,
-                    match=self._match("t", "s"),
+                statements.insert_missing(
+                    self.table.identifier, self.columns, self.key, nulls_match=self._nulls_match
                 )
             ).rowcount
         except psycopg.errors.UniqueViolation as exc:
@@ -233,23 +207,13 @@ class Merge(Mode):
     def _update(self, conn: psycopg.Connection[Any]) -> int:
         """Update the rows whose key was staged and whose values differ; how many."""
         assert self.columns is not None
-        others = [c for c in self.columns if c not in self.key]
-        if not others:  # only key columns: a found row has nothing to change
+        if all(c in self.key for c in self.columns):  # a found row has nothing to change
             return 0
-        send = self._send_functions(conn)
-        return conn.execute(
-            sql.SQL("UPDATE {t} AS t SET {sets} FROM {s} AS s WHERE {match} "
-                    "AND ({old}) IS DISTINCT FROM ({new})").format(
-                t=self.table.identifier,
-                sets=sql.SQL(", ").join(
-                    sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in others
-                ),
-                s=STAGE,
-                match=self._match("t", "s"),
-                old=sql.SQL(", ").join(_exact(send.get(c), "t", c) for c in others),
-                new=sql.SQL(", ").join(_exact(send.get(c), "s", c) for c in others),
-            )
-        ).rowcount
+        update = statements.update_changed(
+            self.table.identifier, self.columns, self.key, self._send_functions(conn),
+            nulls_match=self._nulls_match,
+        )
+        return 0 if update is None else conn.execute(update).rowcount
 
     def _send_functions(self, conn: psycopg.Connection[Any]) -> dict[str, sql.Identifier | None]:
         rows = conn.execute(
@@ -274,36 +238,13 @@ class Merge(Mode):
         """The target's rows whose key was staged (matched as the merge matched them), read
         after the merge: a trigger that changed them, a collation that matched another key,
         a second row with the key all show."""
-        return self.table.identifier, sql.SQL("EXISTS (SELECT FROM {} AS s WHERE {})").format(
-            STAGE, self._match(READ_ALIAS, "s")
+        return self.table.identifier, statements.merged_rows(
+            self.key, nulls_match=self._nulls_match
         )
 
-    def _match(self, table: str, stage: str) -> sql.Composable:
-        """The key condition between the aliases ``table`` and ``stage``."""
-        operator = sql.SQL("IS NOT DISTINCT FROM" if self.key_nulls == "match" else "=")
-        return sql.SQL(" AND ").join(
-            sql.SQL("{t}.{k} {op} {s}.{k}").format(
-                t=sql.Identifier(table), s=sql.Identifier(stage), k=sql.Identifier(k),
-                op=operator,
-            )
-            for k in self.key
-        )
-
-    def _keys(self) -> sql.Composable:
-        return sql.SQL(", ").join(map(sql.Identifier, self.key))
-
-    def _cols(self) -> sql.Composable:
-        assert self.columns is not None
-        return sql.SQL(", ").join(map(sql.Identifier, self.columns))
-
-
-def _exact(send: sql.Identifier | None, alias: str, column: str) -> sql.Composable:
-    """The column's exact value, comparable whatever its type: its send function's bytes,
-    else its text."""
-    value = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(column))
-    if send is None:
-        return sql.SQL("{}::text").format(value)
-    return sql.SQL("{}({})").format(send, value)
+    @property
+    def _nulls_match(self) -> bool:
+        return self.key_nulls == "match"
 
 
 def _detail(exc: psycopg.Error) -> str:

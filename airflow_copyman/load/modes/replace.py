@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from airflow_copyman.load.catalog import tables
+from airflow_copyman.load.modes import statements
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.verify import checksum
 
@@ -134,9 +135,6 @@ class _Replace(Mode):
     ) -> None:
         raise NotImplementedError
 
-    def _only(self) -> sql.Composable:
-        return sql.SQL("ONLY " if self.only else "")
-
     def written(
         self, conn: psycopg.Connection[Any]
     ) -> tuple[sql.Composable, sql.Composable | None]:
@@ -174,11 +172,7 @@ class ReplaceByTruncate(_Replace):
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         if not self.created:
             conn.execute(
-                sql.SQL("TRUNCATE TABLE {}{}{}").format(
-                    self._only(),
-                    self.table.identifier,
-                    sql.SQL(" CASCADE" if self.cascade else ""),
-                )
+                statements.truncate(self.table.identifier, only=self.only, cascade=self.cascade)
             )
 
     def copy_in(self, fmt: tables.Format) -> sql.Composed:
@@ -200,7 +194,7 @@ class ReplaceByDelete(_Replace):
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         if not self.created:
-            conn.execute(sql.SQL("DELETE FROM {}{}").format(self._only(), self.table.identifier))
+            conn.execute(statements.delete_all(self.table.identifier, only=self.only))
 
 
 def _what_delete_does(action: str, deferred: bool) -> str:

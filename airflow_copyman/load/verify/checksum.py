@@ -96,9 +96,15 @@ def this_transaction(conn: psycopg.Connection[Any]) -> sql.Composable:
     table (no index finds rows by xmin): on a large table, an append's checksum costs a scan
     of all of it."""
     row = conn.execute("SELECT pg_current_xact_id_if_assigned()::xid::text").fetchone()
-    if row is None or row[0] is None:  # nothing written yet: no row is this transaction's
+    return inserted_by(row[0] if row is not None else None)
+
+
+def inserted_by(xid: str | None) -> sql.Composable:
+    """The condition selecting the rows the transaction ``xid`` inserted (None: it wrote
+    nothing yet, so no row is its)."""
+    if xid is None:
         return sql.SQL("false")
-    return sql.SQL("xmin = {}::xid").format(sql.Literal(row[0]))
+    return sql.SQL("xmin = {}::xid").format(sql.Literal(xid))
 
 
 #: The hash of a fixed UTF-8 string on every supported server: a server whose hash differs
