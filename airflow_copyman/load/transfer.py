@@ -35,6 +35,7 @@ from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
     DestinationResult,
+    Progress,
     TransferReport,
 )
 
@@ -65,9 +66,11 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         verify: str = "count",
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         options: LoadOptions | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
-        """The keyword options (``parameters`` to ``verify``) build a :class:`LoadOptions`;
-        or give one as ``options`` (the keyword options are then not used)."""
+        """The keyword options (``parameters`` to ``verify``, ``on_progress``) build a
+        :class:`LoadOptions`; or give one as ``options`` (the keyword options are then not
+        used)."""
         self.origin = source
         self.log = log or logging.getLogger("airflow_copyman.load")
         self.sql = sql
@@ -80,7 +83,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
                     format=format, parameters=parameters, verify=verify,
                     receiver_timeout=receiver_timeout, lock_timeout=lock_timeout,
                     progress_interval=progress_interval, min_rows=min_rows,
-                    max_bytes_per_second=max_bytes_per_second,
+                    max_bytes_per_second=max_bytes_per_second, on_progress=on_progress,
                 )
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise checks.ArgumentError(
@@ -104,6 +107,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.on_commit = on_commit
         self.loaded_before = loaded_before
         self.progress_interval = options.progress_interval
+        self.on_progress = options.on_progress
         self.receiver_timeout = options.receiver_timeout
         self.targets: list[Target] = []
         self.src: psycopg.Connection[Any] | None = None
@@ -121,7 +125,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
     # The phases.
 
     def run(self) -> TransferReport:
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         if not self.specs:
             raise ConfigError("no destinations: give at least one")
         self._resolve()
@@ -155,6 +159,11 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             time.monotonic() - started, plan.format if plan is not None else None, outcome
         )
         self._log_summary(report)
+        self._tell_progress(Progress(
+            report.rows, report.bytes, report.seconds,
+            plan.estimate.rows if plan is not None and plan.estimate is not None else None,
+            None, tuple((r.label, r.status) for r in report.destinations),
+        ))
         return report
 
     def _load(self, plan: Plan) -> CopyOutcome:

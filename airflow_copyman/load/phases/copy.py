@@ -19,7 +19,7 @@ from airflow_copyman.load.phases import verify
 from airflow_copyman.load.phases.locks import TableLocking
 from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import Target, size
-from airflow_copyman.load.spec import ConfigError
+from airflow_copyman.load.spec import ConfigError, Progress
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,7 @@ class Copying(TableLocking):
                     if now >= next_log:
                         next_log = now + self.progress_interval
                         self._log_progress(progress)
+                        self._tell_progress(self._progress_now(progress, now))
                 return
             except copyman.ReceiverFault as fault:
                 for receiver, exc in fault.faults.items():
@@ -289,6 +290,21 @@ class Copying(TableLocking):
                 self._fail(target, reason, "copying")
         for target in receivers.values():
             self._rollback(target)
+
+    def _progress_now(self, progress: _Progress, now: float) -> Progress:
+        copying = {id(t) for t in progress.receivers.values()}
+        estimate = progress.estimate
+        return Progress(
+            progress.producer.rows,
+            progress.producer.bytes,
+            now - self.started,
+            estimate.rows if estimate is not None else None,
+            None,
+            tuple(
+                (t.label, "copying" if t.pending and id(t) in copying else t.result.status)
+                for t in self.targets
+            ),
+        )
 
     def _log_progress(self, progress: _Progress, *, final: bool = False) -> None:
         elapsed = max(time.monotonic() - progress.started, 1e-6)

@@ -20,6 +20,7 @@ from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
     DestinationResult,
+    Progress,
 )
 from airflow_copyman.load.verify.checksum import Checksum, ColumnRendering
 
@@ -91,6 +92,10 @@ class State:
     #: task_state_store), asked once its table is resolved (``result.relation``).
     loaded_before: Callable[[DestinationResult], Entry | None] | None
     progress_interval: float
+    #: Called with the load's progress (see :class:`~airflow_copyman.load.Progress`).
+    on_progress: Callable[[Progress], None] | None
+    #: When :meth:`Transfer.run` began (``time.monotonic()``).
+    started: float
     receiver_timeout: float
     targets: list[Target]
     src: psycopg.Connection[Any] | None
@@ -102,6 +107,15 @@ class State:
     source: tables.Source
     #: verify="checksum": the source session's settings a text read-back renders with.
     rendering: dict[str, str] | None
+
+    def _tell_progress(self, progress: Progress) -> None:
+        """Hand ``progress`` to ``on_progress``: a display that fails does not fail the load."""
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(progress)
+        except Exception as exc:
+            self.log.warning("on_progress failed: %s", classify.describe(exc, self.secrets))
 
     def _go_on(self) -> bool:
         return not self.cancelled and any(t.pending for t in self.targets)
