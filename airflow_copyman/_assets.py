@@ -25,19 +25,19 @@ from urllib.parse import quote
 from airflow.sdk import Asset, AssetAlias, BaseHook
 
 from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
-from airflow_copyman.load._relation import Relation
+from airflow_copyman.load import Relation
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
 
-__all__ = ["ALIAS_PREFIX", "STATE_KEY", "alias_name", "asset_uri", "declare", "emit"]
+__all__ = ["ALIAS_PREFIX", "ASSETS_STATE_KEY", "alias_name", "asset_uri", "declare", "emit"]
 
 log = logging.getLogger(__name__)
 
 #: The alias of a task is ``copyman:<dag_id>:<task_id>`` (``:`` never occurs in either id).
 ALIAS_PREFIX = "copyman:"
 #: The ``task_state_store`` key listing the loads already announced.
-STATE_KEY = "copyman_assets"
+ASSETS_STATE_KEY = "copyman_assets"
 #: What a destination's result may carry beyond rows and bytes (modes add them).
 _OPTIONAL_METRICS = ("inserted", "updated", "checksum")
 
@@ -141,14 +141,14 @@ def emit(
             announced[result.label] = loaded_by
     if emitted and store is not None:
         try:
-            store.set(STATE_KEY, {"announced": announced})
+            store.set(ASSETS_STATE_KEY, {"announced": announced})
         except Exception as exc:  # the events go out anyway; a later clear may repeat them
             log.warning("Could not record the announced loads in task_state_store: %s", exc)
     return emitted
 
 
 def _announced(store: Any) -> dict[str, int]:
-    record = store.get(STATE_KEY) if store is not None else None
+    record = store.get(ASSETS_STATE_KEY) if store is not None else None
     if not isinstance(record, dict) or not isinstance(record.get("announced"), dict):
         return {}
     return {k: v for k, v in record["announced"].items() if isinstance(v, int)}

@@ -12,14 +12,15 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman.load import ConfigError, _spec
-from airflow_copyman.load._spec import (
+from airflow_copyman.load import (
     DESTINATION_KEYS,
+    ConfigError,
     Destination,
     DestinationResult,
     Status,
     TransferReport,
 )
+from airflow_copyman.load import destinations_from as load_destinations_from
 
 __all__ = [
     "DESTINATION_KEYS",
@@ -54,6 +55,6 @@ def config_error(exc: ConfigError) -> CopyManConfigError:
 def destinations_from(values: Iterable[Any], *, rendered: bool = True) -> list[Destination]:
     """Parse an operator's ``destinations`` argument (see :meth:`Destination.from_value`)."""
     try:
-        return _spec.destinations_from(values, rendered=rendered)
+        return load_destinations_from(values, rendered=rendered)
     except ConfigError as exc:
         raise config_error(exc) from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from airflow_copyman.load import _plan
+from airflow_copyman import load
 
 if TYPE_CHECKING:
     from airflow_copyman._destinations import TransferReport
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _dataset_name(database: str, table: _plan.TableName) -> str:
+def _dataset_name(database: str, table: load.TableName) -> str:
     return f"{database}.{table.schema or 'public'}.{table.name}"
 
 
@@ -63,7 +63,7 @@ def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -
         inputs: list[Any] = []
         job_facets: dict[str, Any] = {}
         endpoints = report.endpoints if report is not None else {}
-        parsed = _plan.Source.parse(operator.sql) if isinstance(operator.sql, str) else None
+        parsed = load.Source.parse(operator.sql) if isinstance(operator.sql, str) else None
         if parsed is not None and parsed.query is not None:
             job_facets["sql"] = SQLJobFacet(query=parsed.query)
         source = endpoints.get(operator.source_conn_id)
@@ -77,7 +77,7 @@ def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -
                 inputs.extend(_query_inputs(parsed.query, namespace, database))
         outputs = []
         for result in report.destinations if report is not None else []:
-            table = _plan.TableName.parse(result.table)
+            table = load.TableName.parse(result.table)
             where = endpoints.get(result.conn_id)
             if table is None or where is None:
                 continue

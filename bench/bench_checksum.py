@@ -8,7 +8,7 @@ the operator runs: plan, one COPY, commit), in the binary and text formats:
 * ``count``     ``verify="count"``: the COPY load alone;
 * ``checksum``  ``verify="checksum"``: the engine digests the rows as it forwards them, the
                 destination's rows are read back as the same COPY in the load
-                transaction and digested (``load/_readback.py``), then compared; the
+                transaction and digested (``load/readback.py``), then compared; the
                 source is read once;
 * ``checksum-by-text``  the same load with the other method forced (the one used where a
                 column's type differs between the sides): both servers render every
@@ -45,8 +45,10 @@ from bench_copy import COLUMNS, LOAD_SQL  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from airflow_copyman import load  # noqa: E402
-from airflow_copyman.load import _readback, _session, _verifying  # noqa: E402
-from airflow_copyman.load._bounded import Bounds  # noqa: E402
+from airflow_copyman.load.connection import settings as session_settings  # noqa: E402
+from airflow_copyman.load.connection.bounded import Bounds  # noqa: E402
+from airflow_copyman.load.phases import verify  # noqa: E402
+from airflow_copyman.load.verify import readback  # noqa: E402
 from airflow_copyman.testing.servers import create_database, throwaway_servers  # noqa: E402
 
 DB = "bench"
@@ -55,7 +57,7 @@ MODES = ("count", "checksum", "checksum-by-text")
 
 
 def connect(server: Any, **kwargs: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(server.address.conninfo(DB), **_session.connect_args(kwargs))
+    return psycopg.connect(server.address.conninfo(DB), **session_settings.connect_args(kwargs))
 
 
 def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str, float]:
@@ -63,9 +65,9 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
     destination = load.postgres("dst", dst_server.address.conninfo(DB))
     quiet = logging.getLogger("bench.quiet")
     quiet.setLevel(logging.WARNING)
-    streams = _verifying.streams
+    streams = verify.streams
     if mode == "checksum-by-text":
-        _verifying.streams = lambda state, target: False  # type: ignore[assignment]
+        verify.streams = lambda state, target, plan: False  # type: ignore[assignment]
     try:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -81,7 +83,7 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
         t1 = time.perf_counter()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        _verifying.streams = streams  # type: ignore[assignment]
+        verify.streams = streams  # type: ignore[assignment]
     (result,) = report.destinations
     assert result.status == "loaded", result
     if mode != "count":
@@ -121,14 +123,14 @@ def parts(server: Any, table: str) -> dict[str, str]:
         conn.execute("RESET max_parallel_workers_per_gather")
         bounds = Bounds(600.0)
         for fmt in ("binary", "text"):
-            settings = None if fmt == "binary" else _readback.render_settings(conn)
+            settings = None if fmt == "binary" else readback.render_settings(conn)
             best = (float("inf"), 0.0)
             for _ in range(2):
                 cpu0 = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 with conn.transaction():  # the settings' savepoint needs one
-                    (got,) = _readback.digests(
-                        [(conn, _readback.query(conn, sql.Identifier(table), NAMES, None, fmt))],
+                    (got,) = readback.digests(
+                        [(conn, readback.query(conn, sql.Identifier(table), NAMES, None, fmt))],
                         settings,
                         bounds,
                     )

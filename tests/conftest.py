@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from airflow_copyman.load import _session
+from airflow_copyman.load.connection import settings
 from airflow_copyman.testing.servers import (
     ContainerServer,
     LocalServer,
@@ -110,5 +110,5 @@ def pair(server: LocalServer | ContainerServer) -> Iterator[tuple[Database, Data
 
 def pinned(db: Database, **kwargs: Any) -> psycopg.Connection[Any]:
     """A connection with the settings a load pins on every connection."""
-    conn: psycopg.Connection[Any] = db.connect(**_session.connect_args(kwargs))
+    conn: psycopg.Connection[Any] = db.connect(**settings.connect_args(kwargs))
     return conn

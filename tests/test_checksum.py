@@ -1,5 +1,6 @@
-"""The load checksum (airflow_copyman.load._checksum) against real servers: equal where the rows
-are, different where a value, a row or a NULL changed; the source's in its COPY's snapshot."""
+"""The load checksum (airflow_copyman.load.verify.checksum) against real servers: equal where
+the rows are, different where a value, a row or a NULL changed; the source's in its COPY's
+snapshot."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from psycopg import sql
 
 from airflow_copyman import copyman
-from airflow_copyman.load import _checksum as ck
+from airflow_copyman.load.verify import checksum as ck
 from airflow_copyman.testing.servers import LocalServer, create_database
 from tests.conftest import Databases, pinned
 

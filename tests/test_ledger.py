@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from af_support import OLD_LEDGER, OLD_LEDGER_COLUMNS
 
-from airflow_copyman.load._ledger import Entry, Extras, Ledger, TaskKey
+from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey
 from tests.conftest import Databases
 
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from airflow_copyman import load
-from airflow_copyman.load import _tablelock
+from airflow_copyman.load.connection import locks
 from airflow_copyman.testing.servers import ContainerServer, LocalServer, create_database
 from tests.conftest import _names
 
@@ -85,7 +85,7 @@ def at_once(*loads: Any) -> list[load.DestinationResult]:
 
 
 def key_of(db: Dbs, qualified: str) -> int:
-    return int(db.dst("SELECT hashtextextended(%s, 0)", [_tablelock.KEY_PREFIX + qualified])
+    return int(db.dst("SELECT hashtextextended(%s, 0)", [locks.KEY_PREFIX + qualified])
                [0][0])
 
 

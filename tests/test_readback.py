@@ -19,9 +19,9 @@ from psycopg import sql
 
 from airflow_copyman import copyman, load
 from airflow_copyman.copyman import Digest, StreamDigest
-from airflow_copyman.load import _checksum as ck
-from airflow_copyman.load import _readback
-from airflow_copyman.load._bounded import BoundedConnection, Bounds, StatementTimeout
+from airflow_copyman.load.connection.bounded import BoundedConnection, Bounds, StatementTimeout
+from airflow_copyman.load.verify import checksum as ck
+from airflow_copyman.load.verify import readback
 from airflow_copyman.testing.proxy import TcpProxy
 from tests.conftest import pinned
 
@@ -49,8 +49,8 @@ def read_back(
 ) -> Digest:
     """The digest of the rows ``dst``'s transaction wrote into ``types`` (or all of them)."""
     where = None if whole_table else ck.this_transaction(dst)
-    (got,) = _readback.digests(
-        [(dst, _readback.query(dst, sql.Identifier("types"), columns, where, fmt))],
+    (got,) = readback.digests(
+        [(dst, readback.query(dst, sql.Identifier("types"), columns, where, fmt))],
         settings,
         Bounds(60.0),
     )
@@ -60,10 +60,10 @@ def read_back(
 
 def plan_of_read_back(dst: psycopg.Connection[Any], columns: list[str], fmt: str) -> str:
     """EXPLAIN of the read-back's SELECT, under the read-back's own settings."""
-    statement = _readback.query(dst, sql.Identifier("types"), columns, None, fmt).as_string(dst)
+    statement = readback.query(dst, sql.Identifier("types"), columns, None, fmt).as_string(dst)
     select = statement[len("COPY (") : statement.rindex(") TO STDOUT")]
     dst.execute("SAVEPOINT plan")
-    for name, value in _readback.PARALLEL.items():
+    for name, value in readback.PARALLEL.items():
         dst.execute(sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(name), value))
     plan = "\n".join(row[0] for row in dst.execute(f"EXPLAIN {select}").fetchall())  # type: ignore[arg-type]
     dst.execute("ROLLBACK TO SAVEPOINT plan")
@@ -108,7 +108,7 @@ def test_the_rows_sent_digest_as_the_destination_holds_them(
         # Rows read back in another order than sent: the first row sent (id 4, with the
         # binary header before it) moves to the end of the table.
         dst.execute("UPDATE types SET id = id WHERE id = 4")
-        settings = None if fmt == "binary" else _readback.render_settings(src)
+        settings = None if fmt == "binary" else readback.render_settings(src)
         held = read_back(dst, columns, fmt, settings)
         assert held == sent and sent.rows == 4, (held, sent)
         # And rendered by parallel workers (each type's send or output function in the
@@ -141,7 +141,7 @@ def test_every_changed_value_changes_the_digest(pair: tuple[Database, Database],
     changes["a missing row"] = "DELETE FROM {t} WHERE id = 4"
     with pinned(source_db) as src, pinned(dest_db) as dst:
         sent = copy_types(src, dst, columns, fmt)
-        settings = None if fmt == "binary" else _readback.render_settings(src)
+        settings = None if fmt == "binary" else readback.render_settings(src)
         assert read_back(dst, columns, fmt, settings) == sent
         assert read_back(dst, columns, fmt, settings, whole_table=True) == sent
         dst.execute("ALTER TABLE types DROP CONSTRAINT types_pkey")  # for the duplicate
@@ -347,9 +347,9 @@ def test_a_read_back_error_is_the_servers(pair: tuple[Database, Database]) -> No
     with pinned(dest_db) as dst:
         dst.execute("CREATE TABLE t AS SELECT 1 AS id")
         with pytest.raises(psycopg.errors.UndefinedColumn, match="no column 'nope'"):
-            _readback.query(dst, sql.Identifier("t"), ["nope"], None, "binary")
-        (got,) = _readback.digests(
-            [(dst, _readback.query(dst, sql.Identifier("t"), ["id"], sql.SQL("r.id / 0 = 1"),
+            readback.query(dst, sql.Identifier("t"), ["nope"], None, "binary")
+        (got,) = readback.digests(
+            [(dst, readback.query(dst, sql.Identifier("t"), ["id"], sql.SQL("r.id / 0 = 1"),
                                    "binary"))],
             None,
             Bounds(10.0),
@@ -366,11 +366,11 @@ def test_a_read_back_without_data_ends_at_its_deadline(pair: tuple[Database, Dat
     with pinned(dest_db) as dst, pinned(dest_db) as other:
         busy = sql.SQL("pg_sleep(5) IS NOT NULL")
         reads = [
-            (dst, _readback.query(dst, sql.Identifier("t"), ["id"], busy, "binary")),
-            (other, _readback.query(other, sql.Identifier("t"), ["id"], None, "binary")),
+            (dst, readback.query(dst, sql.Identifier("t"), ["id"], busy, "binary")),
+            (other, readback.query(other, sql.Identifier("t"), ["id"], None, "binary")),
         ]
         started = time.monotonic()
-        slow, fine = _readback.digests(reads, None, Bounds(1.0))
+        slow, fine = readback.digests(reads, None, Bounds(1.0))
         elapsed = time.monotonic() - started
         assert isinstance(slow, StatementTimeout), slow
         assert "no data from the server within 1 s" in str(slow)
@@ -394,11 +394,11 @@ def test_a_read_back_whose_link_stalls_is_abandoned(pair: tuple[Database, Databa
             # The first row comes after the deadline; the link stalls long before that, so
             # the cancel's reply is held too.
             late = sql.SQL("r.id <> 1 OR pg_sleep(2) IS NOT NULL")
-            reads = [(dst, _readback.query(dst, sql.Identifier("t"), ["id"], late, "binary"))]
+            reads = [(dst, readback.query(dst, sql.Identifier("t"), ["id"], late, "binary"))]
             dst.execute("SELECT 1")  # in a transaction, as a load's read-back is
             threading.Timer(0.2, proxy.set, ("to_client", "stall")).start()
             started = time.monotonic()
-            (got,) = _readback.digests(reads, None, dst.bounds)
+            (got,) = readback.digests(reads, None, dst.bounds)
             elapsed = time.monotonic() - started
             proxy.forward_all()
             assert isinstance(got, StatementTimeout), got

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import xxhash
 from psycopg.abc import Buffer
 
+from ._records import BINARY_SIGNATURE
+
 #: The hash of one row; the hot loops call it directly.
 row_hash = xxhash.xxh3_64_intdigest
 
 MASK = (1 << 64) - 1
 #: What every binary COPY stream starts with (then a flags int32 and an extension length).
-BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 BINARY_TRAILER = b"\xff\xff"
 _HEADER_FIXED = len(BINARY_SIGNATURE) + 8
 

@@ -18,6 +18,12 @@ _DIRECTIONS = {
 }
 
 
+def is_copy_statement(text: str) -> bool:
+    """Whether ``text`` (comments and blanks before it aside) is a COPY statement."""
+    body = text[_LEADING_NOISE.match(text).end() :]  # type: ignore[union-attr]
+    return _COPY.match(body) is not None
+
+
 def check_copy_statement(text: str, direction: str, role: str) -> None:
     """Raise ``CopyUsageError`` unless ``text`` is a COPY in the given direction."""
     body = text[_LEADING_NOISE.match(text).end() :]  # type: ignore[union-attr]

@@ -35,8 +35,7 @@ from airflow_copyman._destinations import (
     config_error,
     destinations_from,
 )
-from airflow_copyman.load import _bounded, _endpoint, _plan, _session
-from airflow_copyman.load._ledger import Ledger
+from airflow_copyman.load import APPLICATION_NAME, CONNECT_TIMEOUT, PROGRESS_INTERVAL
 
 if TYPE_CHECKING:
     from airflow_copyman.load import Transfer
@@ -59,13 +58,6 @@ __all__ = [
 
 #: Connection types the hook accepts (``postgresql://`` URIs normalise to ``postgres``).
 POSTGRES_CONN_TYPES = frozenset({"postgres", "postgresql"})
-#: ``application_name`` given to the hook's connections unless the connection sets one, so
-#: that a DBA can tell CopyMan's sessions in ``pg_stat_activity``.
-APPLICATION_NAME = "airflow-copyman"
-#: Seconds to wait for a connection whose ``connect_timeout`` is not set.
-CONNECT_TIMEOUT = _bounded.CONNECT_TIMEOUT
-#: Seconds between two progress lines in the task log.
-PROGRESS_INTERVAL = 5.0
 
 
 class CopyManHook(PostgresHook):
@@ -138,7 +130,7 @@ class CopyManHook(PostgresHook):
 
     def get_conn(self) -> psycopg.Connection[Any]:
         """A new psycopg 3 connection, outside autocommit, with plain tuple rows, in UTF8
-        and with the session settings of :mod:`airflow_copyman.load._session` in force."""
+        and with the load layer's pinned session settings in force."""
         self.check_connection()
         conn = super().get_conn()
         if not isinstance(conn, psycopg.Connection):
@@ -148,7 +140,7 @@ class CopyManHook(PostgresHook):
             )
         try:
             # Tuple rows (the "cursor" extra may ask for dicts), the session checked.
-            _endpoint.prepare(conn)
+            load.prepare_connection(conn)
         except BaseException:
             conn.close()
             raise
@@ -182,10 +174,9 @@ class CopyManHook(PostgresHook):
     def _create_connection(self, conn_args: dict[str, Any]) -> Any:
         if self.application_name and "application_name" not in conn_args:
             conn_args = {**conn_args, "application_name": self.application_name}
-        # Bounded waits (airflow_copyman.load._bounded): a default connect_timeout, and a
+        # Bounded waits (the load layer's): a default connect_timeout, and a
         # connection class whose statements a transfer can bound and stop.
-        conn_args = _bounded.connect_args(_session.connect_args(conn_args))
-        conn = _bounded.BoundedConnection.connect(**conn_args)
+        conn = load.BoundedConnection.connect(**load.connection_args(conn_args))
         register_default_adapters(conn)
         if self.enable_log_db_messages:
             conn.add_notice_handler(self._notice_handler)
@@ -198,9 +189,9 @@ class CopyManHook(PostgresHook):
         sql: str,
         destinations: Sequence[Destination | Mapping[str, Any]],
         *,
-        parameters: _plan.Params | None = None,
+        parameters: load.Params | None = None,
         format: str | None = None,
-        ledger: Ledger | None = None,
+        ledger: load.Ledger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
         loaded_before: Callable[[DestinationResult], load.Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
@@ -211,6 +202,7 @@ class CopyManHook(PostgresHook):
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
         verify: str = "count",
+        options: load.LoadOptions | None = None,
     ) -> TransferReport:
         """Copy the rows of ``sql`` (a query or a table name) from this hook's connection
         into every destination, in one pass over the source.
@@ -235,6 +227,8 @@ class CopyManHook(PostgresHook):
         the rows each destination wrote before it commits (default ``"count"``: the COPYs'
         row counts). ``max_bytes_per_second`` caps the copy: at most that many bytes read from the
         source in any second (None: no cap); its waits count towards no time-out.
+        ``options``: the load's options as one :class:`~airflow_copyman.load.LoadOptions`
+        (``parameters`` to ``verify`` are then not used).
 
         :raises CopyManConfigError: bad input, found before any destination was written.
         :raises CopyManDestinationsFailed: a destination failed (``CopyManPermanentFailure``,
@@ -253,7 +247,7 @@ class CopyManHook(PostgresHook):
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
                 lock_timeout=lock_timeout,
                 min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,
-                verify=verify, log=self.log,
+                verify=verify, log=self.log, options=options,
             )
             self._transfer = run
             report = run.run()

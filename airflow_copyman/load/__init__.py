@@ -28,29 +28,58 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
-from airflow_copyman.load._endpoint import Endpoint, open_connection, postgres
-from airflow_copyman.load._ledger import Entry, Extras, Ledger, TaskKey
-from airflow_copyman.load._merge import MergeConflictError, NullKeyError
-from airflow_copyman.load._mode import Mode
-from airflow_copyman.load._plan import Params
-from airflow_copyman.load._run import Endpoints, Transfer
-from airflow_copyman.load._spec import (
+from airflow_copyman.load.catalog.relation import Relation
+from airflow_copyman.load.catalog.tables import Params, PlanError, Source, TableName
+from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT, BoundedConnection
+from airflow_copyman.load.connection.endpoint import (
+    APPLICATION_NAME,
+    Endpoint,
+    connection_args,
+    open_connection,
+    postgres,
+)
+from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
+from airflow_copyman.load.connection.locks import application_name_for
+from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey
+from airflow_copyman.load.modes.base import Mode
+from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
+from airflow_copyman.load.options import (
+    LOCK_TIMEOUT,
+    PROGRESS_INTERVAL,
+    ArgumentError,
+    LoadOptions,
+    is_deferred,
+)
+from airflow_copyman.load.options import ledger_schema as check_ledger_schema
+from airflow_copyman.load.options import sql as check_sql
+from airflow_copyman.load.spec import (
     DESTINATION_KEYS,
+    Append,
     ConfigError,
     Destination,
     DestinationResult,
     DuplicateKeyError,
     LoadError,
+    LoadMode,
+    Merge,
+    Progress,
+    Replace,
     Status,
     TooFewRowsError,
     TransferReport,
     destinations_from,
 )
-from airflow_copyman.load._tablelock import LOCK_TIMEOUT, application_name_for
+from airflow_copyman.load.transfer import Endpoints, Transfer
 
 __all__ = [
+    "APPLICATION_NAME",
+    "CONNECT_TIMEOUT",
     "DESTINATION_KEYS",
     "LOCK_TIMEOUT",
+    "PROGRESS_INTERVAL",
+    "Append",
+    "ArgumentError",
+    "BoundedConnection",
     "ConfigError",
     "Destination",
     "DestinationResult",
@@ -61,18 +90,33 @@ __all__ = [
     "Extras",
     "Ledger",
     "LoadError",
+    "LoadMode",
+    "LoadOptions",
+    "Merge",
     "MergeConflictError",
     "Mode",
     "NullKeyError",
+    "Params",
+    "PlanError",
+    "Progress",
+    "Relation",
+    "Replace",
+    "Source",
     "Status",
+    "TableName",
     "TaskKey",
     "TooFewRowsError",
     "Transfer",
     "TransferReport",
     "application_name_for",
+    "check_ledger_schema",
+    "check_sql",
+    "connection_args",
     "destinations_from",
+    "is_deferred",
     "open_connection",
     "postgres",
+    "prepare_connection",
     "run",
 ]
 
@@ -94,6 +138,8 @@ def run(
     max_bytes_per_second: float | None = None,
     verify: str = "count",
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    options: LoadOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> TransferReport:
     """Copy the rows of ``sql`` (a query or a table name) from ``source`` into every
     destination (each finds its endpoint in ``endpoints`` by its ``conn_id``), in one pass.
@@ -105,6 +151,10 @@ def run(
     lock wait in a destination (the table's load lock, TRUNCATE, DELETE, CREATE, the
     merge's statements; at most ``receiver_timeout``): a wait that times out fails that
     destination transient, naming the table, the lock and the sessions in the way.
+    ``on_progress`` is called with a :class:`Progress` from the loading thread, at most
+    every ``progress_interval`` seconds while the copy runs, and once at the end.
+    ``options``: all of these at once, as one :class:`LoadOptions` (the keyword options
+    are then not used).
 
     :raises ConfigError: bad input, found before any destination was written.
     :returns: the report (failed destinations are in it, rolled back).
@@ -113,5 +163,6 @@ def run(
         source, sql, destinations, endpoints=endpoints, parameters=parameters, format=format,
         ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
         receiver_timeout=receiver_timeout, lock_timeout=lock_timeout, min_rows=min_rows,
-        max_bytes_per_second=max_bytes_per_second, verify=verify, log=log,
+        max_bytes_per_second=max_bytes_per_second, verify=verify, log=log, options=options,
+        on_progress=on_progress,
     ).run()

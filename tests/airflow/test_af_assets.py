@@ -234,7 +234,7 @@ def test_asset_uri_forms() -> None:
     from airflow.sdk import Asset
 
     from airflow_copyman._assets import asset_uri
-    from airflow_copyman.load._relation import Relation
+    from airflow_copyman.load.catalog.relation import Relation
 
     plain = Relation("shop", "public", "orders")
     assert asset_uri("db.example", None, plain) == "postgres://db.example:5432/shop/public/orders"
@@ -271,12 +271,13 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tries of one task instance share its task_state_store: a load announced by a try
     that succeeded is not announced again (a clear with resume_on_clear), a new load is."""
     from airflow.sdk.execution_time.context import OutletEventAccessors
-    from test_af_units import DictStore
+    from test_af_offline_checks import DictStore
 
     from airflow_copyman._assets import emit
     from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
-    from airflow_copyman.load._relation import Relation
-    from airflow_copyman.operators.copyman import CopyManOperator, _StateMirror
+    from airflow_copyman._task_state import TaskStateLedger
+    from airflow_copyman.load.catalog.relation import Relation
+    from airflow_copyman.operators.copyman import CopyManOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_PG_A", "postgresql://someone:s3cret@db.example:6432/shop")
     from airflow.sdk import DAG
@@ -326,7 +327,7 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     specs[0] = Destination("pg_a", "a")
     # Without a ledger, the task_state_store mirror keeps the table's name for a later try.
-    mirror = _StateMirror(DictStore(), 3, resume_on_clear=False)
+    mirror = TaskStateLedger(DictStore(), 3, resume_on_clear=False)
     mirror.record(result("a", "loaded", 1), 1)
     loaded = mirror.loaded(specs[0])
     assert loaded is not None and loaded.relation == Relation("shop", "public", "a")

@@ -9,7 +9,7 @@ import pytest
 from af_support import Database, PgServers, create_orders, create_orders_table, rows_of
 
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
-from airflow_copyman.load._ledger import Ledger, TaskKey
+from airflow_copyman.load.ledger.table import Ledger, TaskKey
 
 
 def test_unknown_and_foreign_connections(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import pytest
 from af_support import Database, Events, PgServers, run_dag
 
 from airflow_copyman.hooks.copyman import CopyManConfigError, CopyManHook, Destination
-from airflow_copyman.load._names import CopyManDeprecationWarning
+from airflow_copyman.load.catalog.hints import CopyManDeprecationWarning
 
 MIXED_DDL = 'CREATE TABLE "Orders" ("Id" int PRIMARY KEY, "Day" date, amount numeric, "ID" int)'
 MIXED_ROWS = """INSERT INTO "Orders"

@@ -13,8 +13,8 @@ import structlog
 from af_support import Database, PgServers, create_orders, create_orders_table
 
 from airflow_copyman.hooks.copyman import CopyManHook, Destination
-from airflow_copyman.load import _estimate
-from airflow_copyman.load._plan import Source
+from airflow_copyman.load.catalog import estimates
+from airflow_copyman.load.catalog.tables import Source
 
 ROWS = 20_000
 PERCENT = re.compile(r", ~(\d+)% of ~([\d,]+) rows \(estimate\), ~(\w+) left \(estimate\)$")
@@ -121,7 +121,7 @@ def test_partitions_and_children_are_summed(pg: PgServers) -> None:
     db.execute("ANALYZE")
     with db.connect() as conn:
         def rows(sql: str) -> int | None:
-            estimate = _estimate.estimate_source(conn, Source.parse(sql), None)
+            estimate = estimates.estimate_source(conn, Source.parse(sql), None)
             return None if estimate is None else estimate.rows
 
         assert rows("parted") == 6000

@@ -1,0 +1,282 @@
+"""Waits that end: deadline-bounded statements, commits waited for together, and a stop
+that cancels on the servers from the thread that owns the connections.
+
+A transfer's connections are :class:`BoundedConnection` objects. Once the transfer gives
+one its :class:`Bounds`, every statement psycopg runs on it (``execute``, ``commit``,
+``rollback``, a COPY's start) waits in :func:`_wait`, which ends:
+
+* when the server answers (as psycopg's own wait does);
+* when the transfer is asked to stop (``on_kill``): the waiting thread, which owns the
+  connection, sends the server a cancel, waits for libpq to have passed it on, then reads
+  the statement's end. The cancel reached the server before anything new was sent, so it
+  can never hit a later statement (PostgreSQL drops a cancel that arrives while the backend
+  waits for a new command), and the connection stays usable after a rollback;
+* when the server gave no answer for ``Bounds.timeout`` seconds (a stalled link, a
+  server that accepts TCP and never answers, a lock wait): the same cancel, then
+  :class:`StatementTimeout` (transient). A connection whose statement does not end even
+  then is closed: its state is unknown.
+
+Connecting is bounded by the connection's ``connect_timeout`` (default
+:data:`CONNECT_TIMEOUT`); :func:`connect_all` connects everywhere at once and stops
+waiting when asked to. :func:`commit_all` sends every COMMIT first and waits for the
+replies together, so one destination slow to answer never holds the others.
+
+This module imports no Airflow module.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from selectors import DefaultSelector
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as e
+from psycopg import pq
+from psycopg.waiting import Ready
+
+from airflow_copyman import copyman
+
+#: Seconds to wait for a connection when the connection sets no ``connect_timeout``
+#: (psycopg's own default is 130 s: two addresses, a 65 s SYN timeout each).
+CONNECT_TIMEOUT = 30
+#: The waits' limits, named once for the engine and the load layer.
+POLL = copyman.POLL
+CANCEL_WAIT = copyman.CANCEL_WAIT
+
+RV = TypeVar("RV")
+T = TypeVar("T")
+
+
+class StatementTimeout(psycopg.OperationalError):
+    """The server gave no answer within the deadline (transient: a retry may succeed)."""
+
+
+@dataclass
+class Bounds:
+    """How long a transfer's statements may wait, and the flag that stops them."""
+
+    timeout: float
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection whose statements wait within :class:`Bounds` (once given)."""
+
+    bounds: Bounds | None = None
+    #: Whether a stop already sent this connection's cancel (a stop cancels once: the
+    #: rollback after it must run, not be cancelled in turn).
+    stop_handled: bool = False
+
+    def wait(
+        self, gen: Generator[Any, Any, RV], interval: float = POLL, timeout: float | None = None
+    ) -> RV:
+        if self.bounds is None or timeout is not None:
+            return super().wait(gen, interval, timeout)
+        return _wait(self, gen, self.bounds)
+
+
+def connect_args(conn_args: dict[str, Any]) -> dict[str, Any]:
+    """``conn_args`` with the default connect timeout where none is set."""
+    if conn_args.get("connect_timeout") in (None, "") and "PGCONNECT_TIMEOUT" not in os.environ:
+        return {**conn_args, "connect_timeout": CONNECT_TIMEOUT}
+    return conn_args
+
+
+def _wait(conn: BoundedConnection, gen: Generator[Any, Any, RV], bounds: Bounds) -> RV:
+    deadline = time.monotonic() + bounds.timeout
+    fileno = conn.pgconn.socket
+    expired: str | None = None
+    try:
+        state = next(gen)
+        with DefaultSelector() as selector:
+            selector.register(fileno, state)
+            while True:
+                now = time.monotonic()
+                if expired is None:
+                    if bounds.stop.is_set() and not conn.stop_handled:
+                        conn.stop_handled = True
+                        expired = "stopped"
+                    elif now >= deadline:
+                        expired = f"no answer from the server within {bounds.timeout:g} s"
+                    if expired is not None:
+                        send_cancel(conn)
+                        if conn.closed:
+                            raise _ended(expired, bounds)
+                        deadline = now + CANCEL_WAIT
+                elif now >= deadline:
+                    # The statement did not end even after the cancel: nothing more can
+                    # be known of this connection's state.
+                    conn.close()
+                    raise _ended(expired, bounds)
+                events = selector.select(timeout=max(0.0, min(POLL, deadline - now)))
+                if not events:
+                    gen.send(Ready.NONE)
+                    continue
+                new_state = gen.send(events[0][1])
+                if new_state != state:
+                    state = new_state
+                    selector.modify(fileno, state)
+    except StopIteration as ex:
+        # Also when a cancel went out meanwhile: the statement ended on its own first (the
+        # server dropped the cancel), and its result stands.
+        rv: RV = ex.value
+        return rv
+    except e.QueryCanceled as exc:
+        if expired is None:
+            raise  # someone else's cancel (a DBA's pg_cancel_backend): the server's error
+        raise _ended(expired, bounds) from exc
+
+
+def send_cancel(conn: psycopg.Connection[Any]) -> None:
+    """Ask the server to cancel what ``conn`` runs; returns once libpq passed it on."""
+    if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+        return
+    try:
+        conn.cancel_safe(timeout=CANCEL_WAIT)
+    except Exception:
+        conn.close()  # the server cannot be reached: the statement's end never comes
+
+
+def _ended(why: str, bounds: Bounds) -> BaseException:
+    if why == "stopped":
+        return copyman.Cancelled("the transfer was stopped; the statement was cancelled")
+    return StatementTimeout(why)
+
+
+# Connecting.
+
+
+def connect_all(
+    openers: Sequence[Callable[[], T]], stop: threading.Event
+) -> list[T | BaseException]:
+    """Run every opener (a connect, bounded by its own ``connect_timeout``) at once; each
+    result is the connection or what it raised. A stop ends the wait: the openers still
+    running give :class:`copyman.Cancelled`, and their connections are closed when they
+    arrive."""
+    if not openers:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(len(openers), 16), thread_name_prefix="copyman")
+    futures = [pool.submit(opener) for opener in openers]
+    try:
+        pending: set[Future[T]] = set(futures)
+        while pending and not stop.is_set():
+            _, pending = wait_futures(pending, timeout=POLL)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    results: list[T | BaseException] = []
+    for future in futures:
+        if future.done() and not future.cancelled():
+            error = future.exception()
+            results.append(error if error is not None else future.result())
+        else:
+            future.add_done_callback(_close_late)
+            results.append(copyman.Cancelled("the transfer was stopped while connecting"))
+    return results
+
+
+def _close_late(future: Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        conn = future.result()
+        close = getattr(conn, "close", None)
+        if close is not None:
+            close()
+
+
+# Committing.
+
+
+def commit_all(
+    conns: Sequence[psycopg.Connection[Any]], timeout: float, stop: threading.Event
+) -> list[BaseException | None]:
+    """COMMIT every connection's transaction: send them all, then wait for the replies
+    together with one deadline. Each result is None (committed) or what failed; a COMMIT
+    without a reply within ``timeout`` gives :class:`StatementTimeout` (its outcome is
+    unknown) and its connection is closed. A stop shortens the wait to
+    :data:`CANCEL_WAIT`: a COMMIT cannot be cancelled, only waited for."""
+    outcome: list[BaseException | None] = [None] * len(conns)
+    waiting: dict[int, list[pq.abc.PGresult]] = {}
+    for i, conn in enumerate(conns):
+        try:
+            conn.pgconn.send_query(b"COMMIT")
+            waiting[i] = []
+        except psycopg.Error as exc:
+            outcome[i] = exc
+        except Exception as exc:  # pq raises its own errors for a closed connection
+            outcome[i] = psycopg.OperationalError(str(exc))
+    deadline = time.monotonic() + timeout
+    stopped = False
+    while waiting:
+        readers, writers = [], []
+        for i in list(waiting):
+            pg = conns[i].pgconn
+            try:
+                if pg.flush():
+                    writers.append(pg.socket)
+                pg.consume_input()
+                while not pg.is_busy():
+                    result = pg.get_result()
+                    if result is None:
+                        outcome[i] = _commit_outcome(conns[i], waiting.pop(i))
+                        break
+                    waiting[i].append(result)
+                else:
+                    readers.append(pg.socket)
+            except Exception as exc:
+                waiting.pop(i, None)
+                outcome[i] = exc if isinstance(exc, psycopg.Error) else (
+                    psycopg.OperationalError(str(exc))
+                )
+        if not waiting:
+            break
+        now = time.monotonic()
+        if stop.is_set() and not stopped:
+            stopped = True
+            deadline = min(deadline, now + CANCEL_WAIT)
+        if now >= deadline:
+            for i in waiting:
+                outcome[i] = StatementTimeout(
+                    "the task was stopped before the server answered COMMIT"
+                    if stopped
+                    else f"no answer to COMMIT within {timeout:g} s"
+                )
+                conns[i].close()
+            break
+        select.select(readers, writers, [], max(0.0, min(POLL, deadline - now)))
+    return outcome
+
+
+def _commit_outcome(
+    conn: psycopg.Connection[Any], results: list[pq.abc.PGresult]
+) -> BaseException | None:
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            return e.error_from_result(result, encoding=conn.info.encoding)
+    last = results[-1] if results else None
+    if last is None or last.command_status != b"COMMIT":
+        # The server rolled the transaction back instead (it had failed).
+        status = last.command_status.decode() if last and last.command_status else "nothing"
+        return psycopg.errors.InFailedSqlTransaction(
+            f"COMMIT answered {status}: the transaction was rolled back"
+        )
+    return None
+
+
+__all__ = [
+    "CANCEL_WAIT",
+    "CONNECT_TIMEOUT",
+    "BoundedConnection",
+    "Bounds",
+    "StatementTimeout",
+    "commit_all",
+    "connect_all",
+    "connect_args",
+    "send_cancel",
+]

@@ -1,0 +1,2 @@
+"""``verify="checksum"``: compare what the source sent with what each destination wrote
+(internal to the load layer)."""
