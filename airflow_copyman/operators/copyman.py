@@ -496,3 +496,4 @@ def _key_of(result: DestinationResult) -> str:
 def _measured(result: DestinationResult) -> dict[str, Any]:
     """What a load measured beyond rows and bytes (a merge's counts, the checksum)."""
     return {"inserted": result.inserted, "updated": result.updated, "checksum": result.checksum}
+
