@@ -497,3 +497,7 @@ def _measured(result: DestinationResult) -> dict[str, Any]:
     """What a load measured beyond rows and bytes (a merge's counts, the checksum)."""
     return {"inserted": result.inserted, "updated": result.updated, "checksum": result.checksum}
 
+
+
+# Issue 18: the split load is imported from here too.
+from airflow_copyman.operators.split import CopyManSplitGroup as CopyManSplitGroup  # noqa: E402

@@ -209,6 +209,7 @@ class _SplitPlan(_SplitTask):
         ranges: list[dict[str, Any]]
         if isinstance(saved, dict) and isinstance(saved.get("ranges"), list):
             ranges = [dict(r) for r in saved["ranges"] if isinstance(r, dict)]
+            columns = [str(c) for c in saved.get("columns") or []]
             lineage = str(saved["lineage"])
             if saved.get("max_tries") != ti.max_tries and not self.resume_on_clear:
                 # Cleared: the same ranges, a new lineage (every range loads again, into a
@@ -222,14 +223,20 @@ class _SplitPlan(_SplitTask):
                     source, planned = split.plan(conn, self.table, self.split_by, self.parts)
                 except split.SplitPlanError as exc:
                     raise AirflowFailException(f"{self.task_id}: {exc}") from None
+                columns = split.column_names(conn, source)
             ranges = [r.as_dict() for r in planned]
             lineage = uuid.uuid4().hex
             self.log.info("%s splits into %d range(s): %s", source, len(ranges),
                           "; ".join(r.describe() for r in planned))
         if store is not None:
-            record: Any = {"ranges": ranges, "lineage": lineage, "max_tries": ti.max_tries}
+            record: Any = {
+                "ranges": ranges, "columns": columns, "lineage": lineage,
+                "max_tries": ti.max_tries,
+            }
             store.set(PLAN_KEY, record)
-        return [{**r, "lineage": lineage, "parts": len(ranges)} for r in ranges]
+        # Each part says what the loads and the publish need beyond its bounds.
+        return [{**r, "lineage": lineage, "parts": len(ranges), "columns": columns}
+                for r in ranges]
 
 
 class _SplitLoad(_SplitTask):
@@ -308,13 +315,16 @@ class _SplitPublish(_SplitTask):
         if not parts:
             raise AirflowException(f"{self.task_id}: the plan task left no ranges")
         lineage = str(parts[0]["lineage"])
+        columns = [str(c) for c in parts[0].get("columns") or []]
         ranges = split.RangeLedger(ti.dag_id, self.load_task_id, ti.run_id, lineage, len(parts))
         key = load.TaskKey(ti.dag_id, ti.task_id, ti.run_id, -1, lineage, ti.try_number)
         ledger = load.Ledger(self.ledger_schema, key)
         results: list[load.DestinationResult] = []
         targets: list[tuple[load.Destination, split.Target]] = []
         for spec in self.specs(self.destinations):
-            results.append(self._publish_one(context, spec, lineage, ranges, ledger, targets))
+            results.append(
+                self._publish_one(context, spec, lineage, ranges, ledger, columns, targets)
+            )
         rows = max((r.rows or 0 for r in results if r.status != "failed"), default=0)
         report = load.TransferReport(
             rows, max((r.bytes or 0 for r in results), default=0), None, 0.0, results
@@ -332,7 +342,8 @@ class _SplitPublish(_SplitTask):
 
     def _publish_one(
         self, context: Context, spec: load.Destination, lineage: str, ranges: split.RangeLedger,
-        ledger: load.Ledger, targets: list[tuple[load.Destination, split.Target]],
+        ledger: load.Ledger, columns: list[str],
+        targets: list[tuple[load.Destination, split.Target]],
     ) -> load.DestinationResult:
         hook = CopyManHook(spec.conn_id)
         try:
@@ -342,7 +353,7 @@ class _SplitPublish(_SplitTask):
                 if self.min_rows:
                     self._check_min_rows(conn, spec, target, ranges)
                 done = split.publish(conn, spec, target, ledger, ranges,
-                                     lock_timeout=self.lock_timeout)
+                                     source_columns=columns, lock_timeout=self.lock_timeout)
         except Exception as exc:
             error = _adapters.describe_error(exc, tuple(hook.secrets))
             self.log.error("%s: not published (unchanged): %s", spec.label, error)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from airflow_copyman.split._adapters import is_table_name
-from airflow_copyman.split._catalog import SourceTable, SplitPlanError, plan
+from airflow_copyman.split._catalog import SourceTable, SplitPlanError, column_names, plan
 from airflow_copyman.split._catalog import source_table as plan_source
 from airflow_copyman.split._publish import (
     Published,
@@ -46,6 +46,7 @@ __all__ = [
     "SplitPlanError",
     "StagingError",
     "Target",
+    "column_names",
     "drop_leftovers",
     "ensure_staging",
     "is_table_name",

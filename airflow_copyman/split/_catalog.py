@@ -167,6 +167,19 @@ def plan(
         conn.rollback()
 
 
+def column_names(conn: psycopg.Connection[Any], table: SourceTable) -> list[str]:
+    """The source table's columns, in order (what ``SELECT *`` returns)."""
+    try:
+        found = conn.execute(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+            " AND NOT attisdropped ORDER BY attnum",
+            [table.oid],
+        ).fetchall()
+    finally:
+        conn.rollback()
+    return [r[0] for r in found]
+
+
 def source_table(conn: psycopg.Connection[Any], table: str) -> SourceTable:
     """``table`` as the source resolves it. Ends the transaction it opens."""
     try:

@@ -51,9 +51,11 @@ class Published:
 
 def publish(
     conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ledger: load.Ledger,
-    ranges: RangeLedger, *, lock_timeout: float,
+    ranges: RangeLedger, *, source_columns: list[str], lock_timeout: float,
 ) -> Published:
-    """Publish ``target``'s staged rows into its table, once per lineage (``ledger``)."""
+    """Publish ``target``'s staged rows into its table, once per lineage (``ledger``).
+    ``source_columns``: the source table's columns (those the ranges filled, matched by
+    name; the table's other columns keep their defaults or, in a merge, their values)."""
     schema = ledger.schema or target.schema
     ledger.ensure_table(conn, schema)
     try:
@@ -68,7 +70,7 @@ def publish(
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target.table_id))
         for statement in spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]
-        inserted, updated = _apply(conn, spec, target)
+        inserted, updated = _apply(conn, spec, target, source_columns)
         for statement in spec.post_statements:
             conn.execute(statement)  # type: ignore[call-overload]
         recorded = ledger.record(
@@ -120,9 +122,11 @@ def _check_staged(
     return staged, sum(b for _, _, b in loaded)
 
 
-def _columns(conn: psycopg.Connection[Any], spec: load.Destination, target: Target) -> list[str]:
-    """The columns to publish: those given, else every staging column the table lets one
-    write (not generated)."""
+def _columns(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str]
+) -> list[str]:
+    """The columns to publish: those given, else the table's columns the source has (by
+    name) and the table lets one write (not generated)."""
     if spec.columns:
         return list(spec.columns)
     found = conn.execute(
@@ -130,13 +134,13 @@ def _columns(conn: psycopg.Connection[Any], spec: load.Destination, target: Targ
         " AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
         [target.oid],
     ).fetchall()
-    return [r[0] for r in found]
+    return [r[0] for r in found if r[0] in source]
 
 
 def _apply(
-    conn: psycopg.Connection[Any], spec: load.Destination, target: Target
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str]
 ) -> tuple[int | None, int | None]:
-    columns = _columns(conn, spec, target)
+    columns = _columns(conn, spec, target, source)
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     insert = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
         target.table_id, names, names, target.staging_id
