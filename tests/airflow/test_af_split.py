@@ -210,3 +210,47 @@ def test_rows_inserted_while_the_ranges_load_land_once_and_the_plan_is_frozen_ac
     total = src.scalar("SELECT count(*) FROM events")
     assert d1.scalar("SELECT count(*) FROM events") in (total, total - 100)
     assert d1.scalar("SELECT count(*) FROM events WHERE id <= -9000000") == 1001
+
+
+# Every staging table created in the database gets a trigger that kills its own backend at
+# id 1500, once (a sequence is not transactional).
+KILL_ONCE = """
+CREATE SEQUENCE kill_once;
+CREATE FUNCTION kill_me() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id = 1500 AND nextval('kill_once') = 1 THEN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE FUNCTION arm() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE obj record;
+BEGIN
+    FOR obj IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
+        IF obj.object_identity LIKE '%copyman_stage_%' THEN
+            EXECUTE format('CREATE TRIGGER kill_me BEFORE INSERT ON %s FOR EACH ROW'
+                           ' EXECUTE FUNCTION kill_me()', obj.object_identity);
+        END IF;
+    END LOOP;
+END $$;
+CREATE EVENT TRIGGER arm ON ddl_command_end WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION arm();
+"""
+
+
+def test_a_destination_backend_killed_mid_copy_retries_that_range_alone(
+    dbs: tuple[Database, Database, Database],
+) -> None:
+    src, d1, d2 = dbs
+    src.execute("CREATE TABLE events (id bigint, v text);"
+                " INSERT INTO events SELECT g, 'v' || g FROM generate_series(1, 3000) g")
+    d1.execute("CREATE TABLE events (id bigint, v text); INSERT INTO events VALUES (0, 'old')")
+    d1.execute(KILL_ONCE)
+    d2.execute("CREATE TABLE events (id bigint, v text)")
+    run = run_dag(FILE, "copyman_split_kill")
+    assert run.state == "success", run.tis
+    assert sorted_rows(d1, "events") == sorted_rows(src, "events") == sorted_rows(d2, "events")
+    # The killed range's second try loaded d1 only; d2 got every range in its first try.
+    query = "SELECT try_number FROM copyman_ledger WHERE task_id = 'events.load' ORDER BY 1"
+    assert [r[0] for r in d1.execute(query)] == [1, 1, 2]
+    assert [r[0] for r in d2.execute(query)] == [1, 1, 1]
+    assert run.tries_of("events.publish") == 1

@@ -69,3 +69,17 @@ with DAG("copyman_split_fail", schedule=None, start_date=START) as fail:
     )
 
 
+
+
+with DAG("copyman_split_kill", schedule=None, start_date=START) as kill:
+    # One range's destination backend dies in the middle of its COPY (the test arms a
+    # trigger on the staging tables of pg_sd1): that range retries alone, and pg_sd2 does
+    # not get it twice.
+    CopyManSplitGroup(
+        "events", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
+        destinations=[
+            {"conn_id": "pg_sd1", "table": "events", "mode": "replace"},
+            {"conn_id": "pg_sd2", "table": "events", "mode": "append"},
+        ],
+        retries=1, retry_delay=datetime.timedelta(seconds=1),
+    )
