@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, TaskGroup
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_copyman import load, split
+from airflow_copyman import _assets, load, split
 from airflow_copyman._destinations import CopyManConfigError, destinations_from
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 from airflow_copyman.split import _adapters
@@ -308,6 +308,8 @@ class _SplitPublish(_SplitTask):
         self.min_rows = min_rows
         self.plan_task_id = plan_task_id
         self.load_task_id = load_task_id
+        # Each destination table is an asset, its events come from here (README, Assets).
+        _assets.declare(self)
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
@@ -321,7 +323,8 @@ class _SplitPublish(_SplitTask):
         ledger = load.Ledger(self.ledger_schema, key)
         results: list[load.DestinationResult] = []
         targets: list[tuple[load.Destination, split.Target]] = []
-        for spec in self.specs(self.destinations):
+        specs = self.specs(self.destinations)
+        for spec in specs:
             results.append(
                 self._publish_one(context, spec, lineage, ranges, ledger, columns, targets)
             )
@@ -336,6 +339,7 @@ class _SplitPublish(_SplitTask):
             )
             raise (AirflowFailException if permanent else AirflowException)(message)
         self._drop_leftovers(context, lineage, targets)
+        _assets.emit(context, self, specs, report, ti.try_number)
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
         return report.as_dict()
@@ -368,6 +372,9 @@ class _SplitPublish(_SplitTask):
             spec.conn_id, spec.table, status=status, rows=done.rows, bytes=done.bytes,
             mode=spec.mode, inserted=done.inserted, updated=done.updated,
             try_number=done.try_number or context["ti"].try_number,
+            relation=_adapters.relation(
+                target.database, target.schema, target.name, target.key, target.oid
+            ),
         )
 
     def _check_min_rows(self, conn: Any, spec: load.Destination, target: split.Target,

@@ -16,8 +16,16 @@ from psycopg import sql
 from airflow_copyman.load import _classify
 from airflow_copyman.load._ledger import TABLE as LEDGER_TABLE
 from airflow_copyman.load._plan import TableName
+from airflow_copyman.load._relation import Relation
 
-__all__ = ["describe_error", "is_permanent", "is_table_name", "range_ledger_rows"]
+__all__ = [
+    "describe_error", "is_permanent", "is_table_name", "range_ledger_rows", "relation",
+]
+
+
+def relation(database: str, schema: str, name: str, key: str, oid: int) -> Relation:
+    """A destination table as the load layer names it (for its result: asset URIs)."""
+    return Relation(database, schema, name, key=key, oid=oid)
 
 
 def is_table_name(text: str) -> bool:

@@ -61,6 +61,7 @@ class Target:
     schema: str
     name: str
     staging: str
+    database: str = ""
 
     @property
     def table_id(self) -> sql.Identifier:
@@ -102,8 +103,9 @@ def target(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Tar
     Ends the transaction it opens."""
     try:
         row = conn.execute(
-            "SELECT c.oid::bigint, n.nspname::text, c.relname::text, c.relkind::text"
-            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "SELECT c.oid::bigint, n.nspname::text, c.relname::text, c.relkind::text,"
+            " current_database()::text FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE c.oid = to_regclass(%s)",
             [table],
         ).fetchone()
@@ -116,7 +118,7 @@ def target(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Tar
         )
     if row[3] not in ("r", "p"):
         raise StagingError(f"{identity.conn_id}: {table!r} is not a table (relkind {row[3]!r})")
-    return Target(int(row[0]), row[1], row[2], staging_name(row[2], identity))
+    return Target(int(row[0]), row[1], row[2], staging_name(row[2], identity), row[4])
 
 
 def ensure_staging(

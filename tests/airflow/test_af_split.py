@@ -29,6 +29,20 @@ def dbs(pg: PgServers, monkeypatch: pytest.MonkeyPatch) -> tuple[Database, Datab
     return src, d1, d2
 
 
+def asset_events(uri: str) -> list[dict[str, Any]]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(AssetEvent.extra, AssetEvent.source_task_id)
+            .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+            .where(AssetModel.uri == uri)
+        ).all()
+    return [{"extra": e, "task_id": t} for e, t in rows]
+
+
 def sorted_rows(db: Database, table: str, where: str = "") -> list[Any]:
     return db.execute(f"SELECT * FROM {table} {where} ORDER BY 1 NULLS LAST, 2")
 
@@ -74,6 +88,11 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
     assert staging_tables(d1) == [] and staging_tables(d2) == []
     plan = run.xcom("events.plan")
     assert len(plan) == 5 and plan[-1]["kind"] == "nulls"  # 4 key ranges and the NULLs
+    # One asset event per destination, from publish, with the total rows.
+    for db in (d1, d2):
+        uri = f"postgres://{db.address.host}:{db.address.port}/{db.name}/public/events"
+        (event,) = asset_events(uri)
+        assert event["task_id"] == "events.publish" and event["extra"]["rows"] == len(source)
 
 
 def test_a_range_failing_for_good_leaves_every_destination_unchanged_and_the_next_run_cleans(
