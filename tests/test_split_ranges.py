@@ -138,6 +138,20 @@ def test_catalog_defaults_to_the_integer_primary_key_else_ctid(dbs: Any) -> None
         assert sum(rows_per_range(conn, "d", ranges)) == 100, column
 
 
+def test_catalog_plans_a_partitioned_table_over_all_its_partitions(dbs: Any) -> None:
+    conn = dbs.new("split")
+    conn.execute(
+        "CREATE TABLE p (id bigint, day date) PARTITION BY RANGE (day);"
+        " CREATE TABLE p1 PARTITION OF p FOR VALUES FROM ('2024-01-01') TO ('2024-02-01');"
+        " CREATE TABLE p2 PARTITION OF p FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');"
+        " INSERT INTO p SELECT g, date '2024-01-01' + (g % 59) FROM generate_series(1, 500) g"
+    )
+    conn.commit()
+    for column in ("id", "day"):
+        _, ranges = split.plan(conn, "p", column, 5)
+        assert sum(rows_per_range(conn, "p", ranges)) == 500, column
+
+
 def test_catalog_refuses_what_cannot_split(dbs: Any) -> None:
     conn = dbs.new("split")
     conn.execute(

@@ -64,6 +64,7 @@ def publish(
         entry = ledger.read(conn, schema, spec.conn_id, target.key)
         if entry is not None:
             conn.rollback()
+            _drop_staging(conn, target)  # a cleared load may have made it again, empty
             return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
                              already=True, try_number=entry.try_number)
         rows, nbytes = _check_staged(conn, spec, target, ranges)
@@ -89,6 +90,11 @@ def publish(
         conn.rollback()
         raise
     return Published(rows, nbytes, inserted, updated)
+
+
+def _drop_staging(conn: psycopg.Connection[Any], target: Target) -> None:
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target.staging_id))
+    conn.commit()
 
 
 def _check_staged(
