@@ -83,3 +83,10 @@ with DAG("copyman_split_kill", schedule=None, start_date=START) as kill:
         ],
         retries=1, retry_delay=datetime.timedelta(seconds=1),
     )
+
+
+with DAG("copyman_split_twice", schedule=None, start_date=START, max_active_runs=2) as twice:
+    CopyManSplitGroup(
+        "events", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
+        destinations=[{"conn_id": "pg_sd1", "table": "events", "mode": "replace"}], retries=0,
+    )
