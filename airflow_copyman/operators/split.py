@@ -40,7 +40,7 @@ _GROUP_KEYS = frozenset({
 
 def check_arguments(
     group_id: str, *, table: Any, split_by: Any, parts: Any, where: Any,
-    destinations: Any, max_active_parts: Any,
+    destinations: Any, max_active_parts: Any, stage: Any = True,
 ) -> None:
     """What can be checked when the DAG is parsed; ValueError names the argument."""
     def fail(message: str) -> None:
@@ -65,6 +65,8 @@ def check_arguments(
         or max_active_parts < 1
     ):
         fail(f"max_active_parts must be a whole number of at least 1, got {max_active_parts!r}")
+    if not isinstance(stage, bool):
+        fail(f"stage must be true or false, got {type(stage).__name__}")
     if isinstance(destinations, list | tuple):
         if not destinations:
             fail("destinations is empty: give at least one")
@@ -76,6 +78,10 @@ def check_arguments(
             if spec.create == "if_missing":
                 fail(f"destinations: {spec.label}: create='if_missing' is not supported by a "
                      "split load (its staging table copies the destination table's definition)")
+            if not stage and (spec.mode != "append" or spec.statements
+                              or spec.post_statements):
+                fail(f"stage: {spec.label}: stage=False loads each range straight into the "
+                     "table: only for mode='append' without preoperator or postoperator")
             if spec.mode == "merge" and spec.key_nulls != "refuse":
                 fail(f"destinations: {spec.label}: a split load's merge supports only "
                      "key_nulls='refuse'")
@@ -95,6 +101,9 @@ class CopyManSplitGroup(TaskGroup):
     :param max_active_parts: at most this many ranges load at once in one DAG run.
     :param resume_on_clear: a cleared DAG run keeps what its ranges staged (default: a
         cleared run loads every range again, into a new staging table).
+    :param stage: False (append only): each range loads straight into the table and is
+        visible as it lands (faster: the rows are written once); ``publish`` then checks
+        that every range landed and reports.
     Every other ``CopyManOperator`` option (``format``, ``verify``, ``receiver_timeout``,
     ``lock_timeout``, ``max_bytes_per_second`` per range, ``min_rows`` for the whole
     table, ``ledger_schema``) and ``BaseOperator`` argument (``retries``, ``pool``...)
@@ -121,11 +130,12 @@ class CopyManSplitGroup(TaskGroup):
         lock_timeout: float = load.LOCK_TIMEOUT,
         min_rows: int = 0,
         max_bytes_per_second: float | None = None,
+        stage: bool = True,
         **kwargs: Any,
     ) -> None:
         check_arguments(
             group_id, table=table, split_by=split_by, parts=parts, where=where,
-            destinations=destinations, max_active_parts=max_active_parts,
+            destinations=destinations, max_active_parts=max_active_parts, stage=stage,
         )
         group_kwargs = {k: v for k, v in kwargs.items() if k in _GROUP_KEYS}
         task_kwargs = {k: v for k, v in kwargs.items() if k not in _GROUP_KEYS}
@@ -133,7 +143,7 @@ class CopyManSplitGroup(TaskGroup):
         common: dict[str, Any] = {
             "source_conn_id": source_conn_id, "table": table, "ledger_schema": ledger_schema,
             "lock_timeout": lock_timeout, "receiver_timeout": receiver_timeout,
-            "split_group": self.group_id, **task_kwargs,
+            "split_group": self.group_id, "stage": stage, **task_kwargs,
         }
         with self:
             plan = _SplitPlan(
@@ -163,9 +173,10 @@ class _SplitTask(BaseOperator):
     def __init__(
         self, *, source_conn_id: str, table: str, split_group: str,
         ledger_schema: str | None, lock_timeout: float, receiver_timeout: float,
-        **kwargs: Any,
+        stage: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.stage = stage
         self.source_conn_id = source_conn_id
         self.table = table
         self.split_group = split_group
@@ -268,6 +279,9 @@ class _SplitLoad(_SplitTask):
         specs = self.specs(self.destinations)
         staged = []
         for spec in specs:
+            if not self.stage:  # append straight into the table, each range visible
+                staged.append(spec)
+                continue
             identity = self.identity(context, lineage, spec)
             with CopyManHook(spec.conn_id).get_conn() as conn:
                 try:
@@ -338,7 +352,8 @@ class _SplitPublish(_SplitTask):
                 f"{r.label}: {r.error}" for r in report.failed
             )
             raise (AirflowFailException if permanent else AirflowException)(message)
-        self._drop_leftovers(context, lineage, targets)
+        if self.stage:
+            self._drop_leftovers(context, lineage, targets)
         _assets.emit(context, self, specs, report, ti.try_number)
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
@@ -354,10 +369,13 @@ class _SplitPublish(_SplitTask):
             with hook.get_conn() as conn:
                 target = split.target(conn, spec.table, self.identity(context, lineage, spec))
                 targets.append((spec, target))
-                if self.min_rows:
-                    self._check_min_rows(conn, spec, target, ranges)
-                done = split.publish(conn, spec, target, ledger, ranges,
-                                     source_columns=columns, lock_timeout=self.lock_timeout)
+                if not self.stage:
+                    done = split.landed(conn, spec, target, ranges)
+                else:
+                    if self.min_rows:
+                        self._check_min_rows(conn, spec, target, ranges)
+                    done = split.publish(conn, spec, target, ledger, ranges,
+                                         source_columns=columns, lock_timeout=self.lock_timeout)
         except Exception as exc:
             error = _adapters.describe_error(exc, tuple(hook.secrets))
             self.log.error("%s: not published (unchanged): %s", spec.label, error)

@@ -19,6 +19,7 @@ from airflow_copyman.split._publish import (
     Published,
     PublishError,
     RangeLedger,
+    landed,
     publish,
     staged_rows,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "drop_leftovers",
     "ensure_staging",
     "is_table_name",
+    "landed",
     "leftovers",
     "plan",
     "plan_source",

@@ -229,3 +229,25 @@ def staged_rows(
     finally:
         conn.rollback()
     return sum(r for _, r, _ in loaded)
+
+
+def landed(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger
+) -> Published:
+    """Without staging (append, ``stage=False``): every range loaded straight into the
+    table; checks that the ledger holds a row for each, and sums them. Changes nothing.
+    Ends the transaction it opens."""
+    try:
+        loaded = _adapters.range_ledger_rows(
+            conn, target.schema, dag_id=ranges.dag_id, task_id=ranges.task_id,
+            run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
+            destination=target.key,
+        )
+    finally:
+        conn.rollback()
+    if len(loaded) != ranges.parts:
+        raise PublishError(
+            f"{spec.label}: {len(loaded)} of {ranges.parts} ranges are recorded as loaded into "
+            f"{target.key}"
+        )
+    return Published(sum(r for _, r, _ in loaded), sum(b for _, _, b in loaded))

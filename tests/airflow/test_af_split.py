@@ -64,7 +64,8 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
                " DEFAULT 'd'); INSERT INTO events_merged VALUES (-200, 'keep', 'k'),"
                " (10, 'old', 'k')")
     d2.execute("CREATE TABLE events (id bigint, v text); INSERT INTO events VALUES (1, 'old');"
-               " CREATE TABLE logs (line text, n int)")
+               " CREATE TABLE logs (line text, n int); CREATE TABLE events_direct (id bigint,"
+               " v text)")
     run = run_dag(FILE, "copyman_split_modes")
     assert run.state == "success", run.tis
     source = sorted_rows(src, "events")
@@ -77,6 +78,9 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
     ]
     assert merged == expected
     assert sorted_rows(d2, "logs") == sorted_rows(src, "logs")
+    assert sorted_rows(d2, "events_direct") == source  # stage=False
+    direct = run.xcom("direct.publish")
+    assert (direct["rows"], direct["destinations"][0]["status"]) == (len(source), "loaded")
     xcom = run.xcom("events.publish")
     assert xcom["rows"] == len(source)
     assert [(d["conn_id"], d["table"], d["status"], d["rows"]) for d in xcom["destinations"]] == [
@@ -193,7 +197,8 @@ def test_replace_readers_see_only_old_then_only_new_rows(
                " INSERT INTO events SELECT g, 'old' FROM generate_series(1, 10) g;"
                " CREATE TABLE events_merged (id bigint, v text, note text); CREATE TABLE logs"
                " (line text, n int)")
-    d2.execute("CREATE TABLE events (id bigint, v text); CREATE TABLE logs (line text, n int)")
+    d2.execute("CREATE TABLE events (id bigint, v text); CREATE TABLE logs (line text, n int);"
+               " CREATE TABLE events_direct (id bigint, v text)")
     src.execute("CREATE TABLE logs (line text, n int)")
     seen: set[tuple[int, int]] = set()
     stop = threading.Event()

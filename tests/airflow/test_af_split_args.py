@@ -39,6 +39,10 @@ def group(**kwargs: Any) -> CopyManSplitGroup:
         ({"destinations": [{"conn_id": "d", "table": "t", "create": "if_missing"}]},
          "create='if_missing' is not supported"),
         ({"destinations": [{"conn_id": "d"}]}, "table"),
+        ({"stage": False}, "stage: d:public.t: stage=False .* only for mode='append'"),
+        ({"stage": False, "destinations": [{"conn_id": "d", "table": "t",
+                                            "postoperator": "SELECT 1"}]}, "stage: d:t"),
+        ({"stage": "no"}, "stage must be true or false"),
     ],
 )
 def test_bad_arguments_are_refused_when_the_dag_is_parsed(

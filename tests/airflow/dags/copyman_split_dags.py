@@ -31,6 +31,11 @@ with DAG("copyman_split_modes", schedule=None, start_date=START) as modes:
                        "key": ["id"]}],
         parts=3, retries=0,
     )
+    # Append without staging: each range lands straight in the table.
+    CopyManSplitGroup(
+        "direct", source_conn_id="pg_ss", table="events", parts=2, stage=False,
+        destinations=[{"conn_id": "pg_sd2", "table": "events_direct"}], retries=0,
+    )
     # No key at all: ctid block ranges.
     CopyManSplitGroup(
         "logs", source_conn_id="pg_ss", table="logs", parts=3,
