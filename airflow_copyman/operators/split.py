@@ -291,6 +291,7 @@ class _SplitLoad(_SplitTask):
                 split.ensure_staging(conn, target, identity, self.lock_timeout)
             staged.append(load.Destination(spec.conn_id, target.staging_text, columns=spec.columns))
         hook = CopyManHook(self.source_conn_id)
+        self._hook = hook
         with hook.get_conn() as conn:
             source = split.plan_source(conn, self.table)
         query = split.range_query(source.schema, source.name, rng, self.where)
@@ -305,6 +306,13 @@ class _SplitLoad(_SplitTask):
             max_bytes_per_second=self.max_bytes_per_second, verify=self.verify,
         )
         return report.as_dict()
+
+    def on_kill(self) -> None:
+        """Cancel the range's COPY and statements in flight (as CopyManOperator does):
+        nothing more commits, the ledger keeps the range unloaded."""
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.cancel()
 
 
 class _SplitPublish(_SplitTask):

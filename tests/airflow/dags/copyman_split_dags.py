@@ -38,7 +38,7 @@ with DAG("copyman_split_modes", schedule=None, start_date=START) as modes:
     )
     # No key at all: ctid block ranges.
     CopyManSplitGroup(
-        "logs", source_conn_id="pg_ss", table="logs", parts=3,
+        "logs", source_conn_id="pg_ss", table="logs", parts=3, verify="checksum",
         destinations=[{"conn_id": "pg_sd2", "table": "logs", "mode": "replace"}], retries=0,
     )
 
