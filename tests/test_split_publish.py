@@ -16,7 +16,8 @@ def identity(table: str, run_id: str = RUN, lineage: str = "L1") -> split.Identi
 
 
 def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split.Identity,
-              parts: int = 3, where: str | None = None) -> tuple[split.Target, int, list[str]]:
+              parts: int = 3, where: str | None = None, ledger_schema: str | None = None,
+              ) -> tuple[split.Target, int, list[str]]:
     """Plan ``spec``'s source table, load every range into the staging table as the
     group's mapped load task does; return the target, the number of ranges, the columns."""
     with src.connect() as conn:
@@ -31,18 +32,21 @@ def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split
         report = load.run(
             load.postgres("src", src.uri()), query,
             [load.Destination("dst", target.staging_text)],
-            endpoints={"dst": load.postgres("dst", dst.uri())}, ledger=load.Ledger(None, key),
+            endpoints={"dst": load.postgres("dst", dst.uri())},
+            ledger=load.Ledger(ledger_schema, key),
         )
         assert not report.failed, report
     return target, len(ranges), columns
 
 
 def publish(dst: Database, spec: load.Destination, target: split.Target, parts: int,
-            columns: list[str], ident: split.Identity, try_number: int = 1) -> split.Published:
+            columns: list[str], ident: split.Identity, try_number: int = 1,
+            ledger_schema: str | None = None) -> split.Published:
     key = load.TaskKey("dag", "grp.publish", ident.run_id, -1, ident.lineage, try_number)
-    ranges = split.RangeLedger("dag", "grp.load", ident.run_id, ident.lineage, parts)
+    ranges = split.RangeLedger("dag", "grp.load", ident.run_id, ident.lineage, parts,
+                               ledger_schema)
     with dst.connect() as conn:
-        return split.publish(conn, spec, target, load.Ledger(None, key), ranges,
+        return split.publish(conn, spec, target, load.Ledger(ledger_schema, key), ranges,
                              source_columns=columns, lock_timeout=5)
 
 
@@ -94,6 +98,16 @@ def test_replace_and_merge(items: tuple[Database, Database]) -> None:
     target, parts, columns = stage_all(src, dst, replace, ident2, parts=2)
     publish(dst, replace, target, parts, columns, ident2)
     assert dst.scalar("SELECT count(*) FROM items") == 300
+
+
+def test_a_ledger_in_a_schema_of_its_own(items: tuple[Database, Database]) -> None:
+    src, dst = items
+    dst.execute("CREATE SCHEMA books")
+    spec = load.Destination("dst", "items", mode="replace")
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, spec, ident, ledger_schema="books")
+    assert publish(dst, spec, target, parts, columns, ident, ledger_schema="books").rows == 300
+    assert dst.scalar("SELECT count(*) FROM books.copyman_ledger") == parts + 1
 
 
 def test_staged_rows_that_do_not_add_up_leave_the_destination_unchanged(

@@ -340,7 +340,9 @@ class _SplitPublish(_SplitTask):
             raise AirflowException(f"{self.task_id}: the plan task left no ranges")
         lineage = str(parts[0]["lineage"])
         columns = [str(c) for c in parts[0].get("columns") or []]
-        ranges = split.RangeLedger(ti.dag_id, self.load_task_id, ti.run_id, lineage, len(parts))
+        ranges = split.RangeLedger(
+            ti.dag_id, self.load_task_id, ti.run_id, lineage, len(parts), self.ledger_schema
+        )
         key = load.TaskKey(ti.dag_id, ti.task_id, ti.run_id, -1, lineage, ti.try_number)
         ledger = load.Ledger(self.ledger_schema, key)
         results: list[load.DestinationResult] = []

@@ -37,6 +37,11 @@ class RangeLedger:
     run_id: str
     lineage: str
     parts: int
+    #: The ledger's schema (``ledger_schema``); None: the destination table's.
+    schema: str | None = None
+
+    def schema_for(self, target: Target) -> str:
+        return self.schema or target.schema
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def _check_staged(
             "the destination was left unchanged"
         )
     loaded = _adapters.range_ledger_rows(
-        conn, target.schema, dag_id=ranges.dag_id, task_id=ranges.task_id,
+        conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
         run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
         destination=target.staging_key,
     )
@@ -222,7 +227,7 @@ def staged_rows(
     transaction it opens."""
     try:
         loaded = _adapters.range_ledger_rows(
-            conn, target.schema, dag_id=ranges.dag_id, task_id=ranges.task_id,
+            conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
             run_id=ranges.run_id, lineage=ranges.lineage, conn_id=conn_id,
             destination=target.staging_key,
         )
@@ -239,7 +244,7 @@ def landed(
     Ends the transaction it opens."""
     try:
         loaded = _adapters.range_ledger_rows(
-            conn, target.schema, dag_id=ranges.dag_id, task_id=ranges.task_id,
+            conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
             run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
             destination=target.key,
         )
