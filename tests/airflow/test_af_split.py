@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 from typing import Any
 
@@ -11,6 +12,8 @@ from af_support import Database, PgServers, Run, load_dag, run_dag
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 FILE = "copyman_split_dags.py"
+#: A second logical date (run_dag's default is 2024-01-02).
+LATER = datetime.datetime(2024, 1, 3, tzinfo=datetime.UTC)
 EVENTS = (
     "CREATE TABLE events (id bigint, v text);"
     " INSERT INTO events SELECT g * 7 - 3000, 'v' || g FROM generate_series(1, 1500) g;"
@@ -116,7 +119,7 @@ def test_a_range_failing_for_good_leaves_every_destination_unchanged_and_the_nex
     # The next successful run of the group (the bad row gone) drops the leftovers.
     src.execute("DELETE FROM events WHERE id = 5000")
     d1.execute("ALTER TABLE narrow ALTER COLUMN v TYPE text")
-    again = run_dag(FILE, "copyman_split_fail", logical_date=_later())
+    again = run_dag(FILE, "copyman_split_fail", logical_date=LATER)
     assert again.state == "success", again.tis
     assert staging_tables(d1) == [] and staging_tables(d2) == []
     assert sorted_rows(d2, "events") == sorted_rows(src, "events")
@@ -180,12 +183,6 @@ def clear_and_rerun(*runs: Run) -> list[Run]:
                  for ti in dr.get_task_instances(session=session)})
             for dr in drs
         ]
-
-
-def _later() -> Any:
-    import datetime
-
-    return datetime.datetime(2024, 1, 3, tzinfo=datetime.UTC)
 
 
 def test_replace_readers_see_only_old_then_only_new_rows(
@@ -306,7 +303,7 @@ def test_two_runs_of_the_group_at_once_keep_their_staging_apart(
     src, d1, _ = dbs
     src.execute(EVENTS)
     d1.execute("CREATE TABLE events (id bigint, v text)")
-    first = run_dag(FILE, "copyman_split_twice", logical_date=_later())
+    first = run_dag(FILE, "copyman_split_twice", logical_date=LATER)
     second = run_dag(FILE, "copyman_split_twice")
     assert first.state == second.state == "success"
     # Both cleared and run again at once, a task of each in turn: each has its own staging
