@@ -3,6 +3,10 @@ staging tables, then published; real servers."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import psycopg
 import pytest
 from af_support import Database
 
@@ -41,13 +45,13 @@ def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split
 
 def publish(dst: Database, spec: load.Destination, target: split.Target, parts: int,
             columns: list[str], ident: split.Identity, try_number: int = 1,
-            ledger_schema: str | None = None) -> split.Published:
+            ledger_schema: str | None = None, lock_timeout: float = 5) -> split.Published:
     key = load.TaskKey("dag", "grp.publish", ident.run_id, -1, ident.lineage, try_number)
     ranges = split.RangeLedger("dag", "grp.load", ident.run_id, ident.lineage, parts,
                                ledger_schema)
     with dst.connect() as conn:
         return split.publish(conn, spec, target, load.Ledger(ledger_schema, key), ranges,
-                             source_columns=columns, lock_timeout=5)
+                             source_columns=columns, lock_timeout=lock_timeout)
 
 
 @pytest.fixture
@@ -108,6 +112,26 @@ def test_a_ledger_in_a_schema_of_its_own(items: tuple[Database, Database]) -> No
     target, parts, columns = stage_all(src, dst, spec, ident, ledger_schema="books")
     assert publish(dst, spec, target, parts, columns, ident, ledger_schema="books").rows == 300
     assert dst.scalar("SELECT count(*) FROM books.copyman_ledger") == parts + 1
+
+
+def test_replace_waits_for_a_reader_in_tries_and_gives_up_at_lock_timeout(
+    items: tuple[Database, Database],
+) -> None:
+    src, dst = items
+    spec = load.Destination("dst", "items", mode="replace")
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, spec, ident)
+    with dst.connect() as reader:
+        reader.execute("SELECT count(*) FROM items")  # its transaction holds the table
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            publish(dst, spec, target, parts, columns, ident, lock_timeout=1.2)
+        assert time.monotonic() - started < 10  # the wait ends
+        assert dst.scalar("SELECT count(*) FROM items") == 2  # unchanged, staging kept
+        # The reader ends during the next publish's tries: that one publishes.
+        threading.Timer(0.8, reader.rollback).start()
+        done = publish(dst, spec, target, parts, columns, ident, try_number=2, lock_timeout=20)
+    assert done.rows == 300 and dst.scalar("SELECT count(*) FROM items") == 300
 
 
 def test_staged_rows_that_do_not_add_up_leave_the_destination_unchanged(

@@ -10,6 +10,7 @@ dropped. Readers see the old rows until the commit. Imports no Airflow module.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,7 @@ def publish(
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target.table_id))
         for statement in spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]
-        inserted, updated = _apply(conn, spec, target, source_columns)
+        inserted, updated = _apply(conn, spec, target, source_columns, lock_timeout)
         for statement in spec.post_statements:
             conn.execute(statement)  # type: ignore[call-overload]
         recorded = ledger.record(
@@ -149,7 +150,8 @@ def _columns(
 
 
 def _apply(
-    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str]
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str],
+    lock_timeout: float,
 ) -> tuple[int | None, int | None]:
     columns = _columns(conn, spec, target, source)
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
@@ -160,15 +162,41 @@ def _apply(
         if spec.replace_with == "delete":
             conn.execute(sql.SQL("DELETE FROM {}").format(target.table_id))
         else:
-            conn.execute(sql.SQL("TRUNCATE {}{}").format(
-                target.table_id, sql.SQL(" CASCADE") if spec.cascade else sql.SQL("")
-            ))
+            _truncate(conn, target, spec.cascade, lock_timeout)
         conn.execute(insert)
         return None, None
     if spec.mode == "merge":
         return _merge(conn, spec, target, columns)
     conn.execute(insert)
     return None, None
+
+
+#: TRUNCATE's ACCESS EXCLUSIVE lock is asked for in tries this long: while one try waits
+#: behind a long reader, every new reader queues behind it; between tries they go on.
+TRUNCATE_TRY = 0.5
+
+
+def _truncate(
+    conn: psycopg.Connection[Any], target: Target, cascade: bool, lock_timeout: float
+) -> None:
+    """TRUNCATE in tries of :data:`TRUNCATE_TRY` (each in a savepoint) until
+    ``lock_timeout`` is spent; then the last try's LockNotAvailable (transient)."""
+    statement = sql.SQL("TRUNCATE {}{}").format(
+        target.table_id, sql.SQL(" CASCADE") if cascade else sql.SQL("")
+    )
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try_for = max(0.01, min(TRUNCATE_TRY, deadline - time.monotonic()))
+        try:
+            with conn.transaction():
+                _set_lock_timeout(conn, try_for)
+                conn.execute(statement)
+            break
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+    _set_lock_timeout(conn, lock_timeout)
 
 
 def _merge(
