@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.sdk import BaseOperator, TaskGroup
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -330,8 +330,14 @@ class _SplitPublish(_SplitTask):
         self.min_rows = min_rows
         self.plan_task_id = plan_task_id
         self.load_task_id = load_task_id
+        self._report: load.TransferReport | None = None
         # Each destination table is an asset, its events come from here (README, Assets).
         _assets.declare(self)
+
+    @property
+    def sql(self) -> str:
+        """The source as CopyManOperator's lineage reads it: the table."""
+        return self.table
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
@@ -354,8 +360,10 @@ class _SplitPublish(_SplitTask):
             )
         rows = max((r.rows or 0 for r in results if r.status != "failed"), default=0)
         report = load.TransferReport(
-            rows, max((r.bytes or 0 for r in results), default=0), None, 0.0, results
+            rows, max((r.bytes or 0 for r in results), default=0), None, 0.0, results,
+            self._locations(specs),
         )
+        self._report = report
         if report.failed:
             permanent = all(r.permanent for r in report.failed)
             message = f"{self.task_id}: " + "; ".join(
@@ -368,6 +376,36 @@ class _SplitPublish(_SplitTask):
         ti.xcom_push(key="rows", value=report.rows)
         ti.xcom_push(key="bytes", value=report.bytes)
         return report.as_dict()
+
+    def _locations(self, specs: list[load.Destination]) -> dict[str, tuple[str, str]]:
+        """conn_id -> (``postgres://host:port``, database) of the source and every
+        destination, for lineage (best effort: a connection that cannot be named has none)."""
+        found: dict[str, tuple[str, str]] = {}
+        for conn_id in {self.source_conn_id, *(s.conn_id for s in specs)}:
+            try:
+                location = CopyManHook(conn_id).endpoint().location
+            except Exception:
+                location = None
+            if location is not None:
+                found[conn_id] = location
+        return found
+
+    # OpenLineage (where apache-airflow-providers-openlineage is installed): the source
+    # table in, each destination out with the rows published, as CopyManOperator's.
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        return self._lineage(None)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        return self._lineage(self._report)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return self._lineage(self._report)
+
+    def _lineage(self, report: load.TransferReport | None) -> Any:
+        from airflow_copyman._lineage import operator_lineage
+
+        return operator_lineage(cast(Any, self), report)
 
     def _publish_one(
         self, context: Context, spec: load.Destination, lineage: str, ranges: split.RangeLedger,

@@ -59,3 +59,22 @@ def test_the_group_holds_plan_a_mapped_load_and_publish() -> None:
     assert g.load.task_id == "g.load" and g.load.max_active_tis_per_dagrun == 4
     assert g.publish.retries == 3 and g.tooltip == "events"
     assert g.publish.upstream_task_ids == {"g.load"}
+
+
+def test_openlineage_facets_of_publish() -> None:
+    """The source table in, each destination out with the rows published (where the
+    OpenLineage provider is installed), as CopyManOperator's."""
+    pytest.importorskip("airflow.providers.openlineage")
+    from airflow_copyman import load
+
+    g = group(table="sales.events")
+    publish: Any = g.publish
+    publish._report = load.TransferReport(
+        9, 90, None, 0.0, [load.DestinationResult("d", "public.t", "loaded", 9, 90)],
+        {"s": ("postgres://src.example:5432", "shop"), "d": ("postgres://wh.example:5432", "dwh")},
+    )
+    done = publish.get_openlineage_facets_on_complete(None)
+    assert [d.name for d in done.inputs] == ["shop.sales.events"]
+    (output,) = done.outputs
+    assert output.name == "dwh.public.t"
+    assert output.outputFacets["outputStatistics"].rowCount == 9
