@@ -154,7 +154,9 @@ class CopyManSplitGroup(TaskGroup):
                 task_id="load", destinations=destinations, where=where, format=format,
                 verify=verify, progress_interval=progress_interval,
                 max_bytes_per_second=max_bytes_per_second,
-                max_active_tis_per_dagrun=max_active_parts, **common,
+                max_active_tis_per_dagrun=max_active_parts,
+                # The UI names each instance by its range ("100 <= id < 200").
+                map_index_template="{{ task.range_label }}", **common,
             ).expand(part=plan.output)
             publish = _SplitPublish(
                 task_id="publish", destinations=destinations, min_rows=min_rows,
@@ -271,10 +273,12 @@ class _SplitLoad(_SplitTask):
         self.verify = verify
         self.progress_interval = progress_interval
         self.max_bytes_per_second = max_bytes_per_second
+        self.range_label = ""
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
         rng = split.Range.from_dict(self.part)
+        self.range_label = rng.describe()
         lineage = str(self.part["lineage"])
         specs = self.specs(self.destinations)
         staged = []

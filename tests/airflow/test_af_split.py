@@ -46,6 +46,22 @@ def asset_events(uri: str) -> list[dict[str, Any]]:
     return [{"extra": e, "task_id": t} for e, t in rows]
 
 
+def rendered_map_indexes(run: Run, task_id: str) -> dict[int, str]:
+    """The names the UI shows for the mapped instances (map_index_template)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(
+            select(TaskInstance.map_index, TaskInstance.rendered_map_index).where(
+                TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id,
+                TaskInstance.task_id == task_id,
+            )
+        ).all()
+    return {m: r for m, r in rows}
+
+
 def sorted_rows(db: Database, table: str, where: str = "") -> list[Any]:
     return db.execute(f"SELECT * FROM {table} {where} ORDER BY 1 NULLS LAST, 2")
 
@@ -95,6 +111,8 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
     assert staging_tables(d1) == [] and staging_tables(d2) == []
     plan = run.xcom("events.plan")
     assert len(plan) == 5 and plan[-1]["kind"] == "nulls"  # 4 key ranges and the NULLs
+    labels = rendered_map_indexes(run, "events.load")
+    assert labels[0].startswith("id < ") and labels[4] == "id IS NULL", labels
     # One asset event per destination, from publish, with the total rows.
     for db in (d1, d2):
         uri = f"postgres://{db.address.host}:{db.address.port}/{db.name}/public/events"
