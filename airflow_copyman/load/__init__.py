@@ -31,6 +31,8 @@ from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load.catalog.relation import Relation
 from airflow_copyman.load.catalog.tables import Params, PlanError, Source, TableName
 from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT, BoundedConnection
+from airflow_copyman.load.connection.classify import describe as describe_error
+from airflow_copyman.load.connection.classify import is_permanent
 from airflow_copyman.load.connection.endpoint import (
     APPLICATION_NAME,
     Endpoint,
@@ -40,7 +42,7 @@ from airflow_copyman.load.connection.endpoint import (
 )
 from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
 from airflow_copyman.load.connection.locks import application_name_for
-from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey
+from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey, ledger_rows
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
 from airflow_copyman.load.options import (
@@ -112,8 +114,11 @@ __all__ = [
     "check_ledger_schema",
     "check_sql",
     "connection_args",
+    "describe_error",
     "destinations_from",
     "is_deferred",
+    "is_permanent",
+    "ledger_rows",
     "open_connection",
     "postgres",
     "prepare_connection",

@@ -305,3 +305,28 @@ _HAS_EXTRAS = (
 
 def _regclass(schema: str) -> str:
     return ".".join('"' + p.replace('"', '""') + '"' for p in (schema, TABLE))
+
+
+def ledger_rows(
+    conn: psycopg.Connection[Any], schema: str, *, dag_id: str, task_id: str, run_id: str,
+    lineage: str, conn_id: str, destination: str,
+) -> list[tuple[int, int, int]]:
+    """(map_index, rows, bytes) of every range the ledger in ``schema`` records as loaded
+    into ``destination`` (the staging table, as its server resolved it) by the mapped load
+    task ``task_id`` for this DAG run and lineage, in the current transaction. Reads the
+    ledger table's layout, which is this module's."""
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL",
+        [sql.Identifier(schema, TABLE).as_string(conn)],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return []
+    found = conn.execute(
+        sql.SQL(
+            "SELECT map_index, rows, bytes FROM {} WHERE dag_id = %s AND task_id = %s"
+            " AND run_id = %s AND lineage = %s AND conn_id = %s AND destination = %s"
+            " ORDER BY map_index"
+        ).format(sql.Identifier(schema, TABLE)),
+        [dag_id, task_id, run_id, lineage, conn_id, destination],
+    ).fetchall()
+    return [(int(m), int(r), int(b)) for m, r, b in found]

@@ -1,0 +1,286 @@
+"""Publishing a split load into one destination: one transaction.
+
+In that transaction: the ledger says whether this lineage published already (a retry after
+a lost COMMIT reply then changes nothing); the staging table must hold exactly the rows the
+ranges' ledger rows report (and every range must have one); the mode applies (replace: the
+table's rows become the staged rows; merge: the staged rows update and insert by the key;
+append: the staged rows are added); the ledger row is written and the staging table
+dropped. Readers see the old rows until the commit. Imports no Airflow module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from airflow_copyman import load
+from airflow_copyman.split import _adapters
+from airflow_copyman.split._staging import Target, _set_lock_timeout
+
+
+class PublishError(Exception):
+    """What was staged does not add up, or a merge key is NULL or repeated: no retry fixes
+    it; the destination is unchanged."""
+
+    permanent = True
+
+
+@dataclass(frozen=True)
+class RangeLedger:
+    """Where the ranges' loads recorded themselves: the mapped load task and lineage."""
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    lineage: str
+    parts: int
+    #: The ledger's schema (``ledger_schema``); None: the destination table's.
+    schema: str | None = None
+
+    def schema_for(self, target: Target) -> str:
+        return self.schema or target.schema
+
+
+@dataclass(frozen=True)
+class Published:
+    rows: int
+    bytes: int
+    inserted: int | None = None
+    updated: int | None = None
+    already: bool = False
+    try_number: int | None = None
+
+
+def publish(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ledger: load.Ledger,
+    ranges: RangeLedger, *, source_columns: list[str], lock_timeout: float,
+) -> Published:
+    """Publish ``target``'s staged rows into its table, once per lineage (``ledger``).
+    ``source_columns``: the source table's columns (those the ranges filled, matched by
+    name; the table's other columns keep their defaults or, in a merge, their values)."""
+    schema = ledger.schema or target.schema
+    ledger.ensure_table(conn, schema)
+    try:
+        _set_lock_timeout(conn, lock_timeout)
+        ledger.claim(conn, spec.conn_id, target.key)
+        entry = ledger.read(conn, schema, spec.conn_id, target.key)
+        if entry is not None:
+            conn.rollback()
+            _drop_staging(conn, target)  # a cleared load may have made it again, empty
+            return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
+                             already=True, try_number=entry.try_number)
+        rows, nbytes = _check_staged(conn, spec, target, ranges)
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target.table_id))
+        for statement in spec.statements:
+            conn.execute(statement)  # type: ignore[call-overload]
+        inserted, updated = _apply(conn, spec, target, source_columns, lock_timeout)
+        for statement in spec.post_statements:
+            conn.execute(statement)  # type: ignore[call-overload]
+        recorded = ledger.record(
+            conn, schema, spec.conn_id, target.key, rows, nbytes,
+            load.Extras(inserted=inserted, updated=updated),
+        )
+        if not recorded:  # another try of this lineage published first
+            conn.rollback()
+            entry = ledger.lookup(conn, schema, spec.conn_id, target.key)
+            assert entry is not None
+            return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
+                             already=True, try_number=entry.try_number)
+        conn.execute(sql.SQL("DROP TABLE {}").format(target.staging_id))
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return Published(rows, nbytes, inserted, updated)
+
+
+def _drop_staging(conn: psycopg.Connection[Any], target: Target) -> None:
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target.staging_id))
+    conn.commit()
+
+
+def _check_staged(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger
+) -> tuple[int, int]:
+    """The staged row count and bytes, after checking them against the ranges' ledger."""
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [target.staging_text]).fetchone()
+    if not exists or not exists[0]:
+        raise PublishError(
+            f"{spec.label}: staging table {target.staging_key} is missing (dropped by hand?): "
+            "the destination was left unchanged"
+        )
+    loaded = _adapters.range_ledger_rows(
+        conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
+        run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
+        destination=target.staging_key,
+    )
+    if len(loaded) != ranges.parts:
+        raise PublishError(
+            f"{spec.label}: {len(loaded)} of {ranges.parts} ranges are recorded as staged in "
+            f"{target.staging_key}: the destination was left unchanged"
+        )
+    reported = sum(r for _, r, _ in loaded)
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.staging_id)).fetchone()
+    staged = int(row[0]) if row else 0
+    if staged != reported:
+        raise PublishError(
+            f"{spec.label}: staging table {target.staging_key} holds {staged} rows, the ranges "
+            f"reported {reported}: the destination was left unchanged"
+        )
+    return staged, sum(b for _, _, b in loaded)
+
+
+def _columns(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str]
+) -> list[str]:
+    """The columns to publish: those given, else the table's columns the source has (by
+    name) and the table lets one write (not generated)."""
+    if spec.columns:
+        return list(spec.columns)
+    found = conn.execute(
+        "SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0"
+        " AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+        [target.oid],
+    ).fetchall()
+    return [r[0] for r in found if r[0] in source]
+
+
+def _apply(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, source: list[str],
+    lock_timeout: float,
+) -> tuple[int | None, int | None]:
+    columns = _columns(conn, spec, target, source)
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    insert = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
+        target.table_id, names, names, target.staging_id
+    )
+    if spec.mode == "replace":
+        if spec.replace_with == "delete":
+            conn.execute(sql.SQL("DELETE FROM {}").format(target.table_id))
+        else:
+            _truncate(conn, target, spec.cascade, lock_timeout)
+        conn.execute(insert)
+        return None, None
+    if spec.mode == "merge":
+        return _merge(conn, spec, target, columns)
+    conn.execute(insert)
+    return None, None
+
+
+#: TRUNCATE's ACCESS EXCLUSIVE lock is asked for in tries this long: while one try waits
+#: behind a long reader, every new reader queues behind it; between tries they go on.
+TRUNCATE_TRY = 0.5
+
+
+def _truncate(
+    conn: psycopg.Connection[Any], target: Target, cascade: bool, lock_timeout: float
+) -> None:
+    """TRUNCATE in tries of :data:`TRUNCATE_TRY` (each in a savepoint) until
+    ``lock_timeout`` is spent; then the last try's LockNotAvailable (transient)."""
+    statement = sql.SQL("TRUNCATE {}{}").format(
+        target.table_id, sql.SQL(" CASCADE") if cascade else sql.SQL("")
+    )
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try_for = max(0.01, min(TRUNCATE_TRY, deadline - time.monotonic()))
+        try:
+            with conn.transaction():
+                _set_lock_timeout(conn, try_for)
+                conn.execute(statement)
+            break
+        except psycopg.errors.LockNotAvailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+    _set_lock_timeout(conn, lock_timeout)
+
+
+def _merge(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, columns: list[str]
+) -> tuple[int, int]:
+    """One merge from the staging table: rows whose key exists and differ are updated, the
+    others inserted; rows equal to the staged ones are left alone (not counted)."""
+    key = list(spec.key or ())
+    s, t = sql.Identifier("s"), sql.Identifier("t")
+    keys_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in key)
+    key_list = sql.SQL(", ").join(map(sql.Identifier, key))
+    problem = conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM {st} WHERE {nulls}),"
+            " (SELECT count(*) FROM (SELECT FROM {st} GROUP BY {keys} HAVING count(*) > 1) d)"
+        ).format(st=target.staging_id, nulls=keys_null, keys=key_list)
+    ).fetchone()
+    assert problem is not None
+    if problem[0]:
+        raise PublishError(f"{spec.label}: {problem[0]} staged row(s) have a NULL in the merge "
+                           f"key ({', '.join(key)}): the destination was left unchanged")
+    if problem[1]:
+        raise PublishError(f"{spec.label}: {problem[1]} merge key value(s) occur more than once "
+                           "in the source: the destination was left unchanged")
+    match = sql.SQL(" AND ").join(
+        sql.SQL("{}.{} = {}.{}").format(t, sql.Identifier(k), s, sql.Identifier(k)) for k in key
+    )
+    rest = [c for c in columns if c not in key]
+    updated = 0
+    if rest:
+        row = sql.SQL(", ").join(map(sql.Identifier, rest))
+        result = conn.execute(sql.SQL(
+            "UPDATE {table} AS t SET ({cols}) = ROW({scols}) FROM {st} AS s WHERE {match}"
+            " AND ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
+        ).format(
+            table=target.table_id, cols=row, st=target.staging_id, match=match,
+            scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in rest),
+            tcols=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in rest),
+        ))
+        updated = result.rowcount
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    inserted = conn.execute(sql.SQL(
+        "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE SELECT {snames} FROM {st} AS s"
+        " WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE {match})"
+    ).format(
+        table=target.table_id, names=names, st=target.staging_id, match=match,
+        snames=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in columns),
+    )).rowcount
+    return inserted, updated
+
+
+def staged_rows(
+    conn: psycopg.Connection[Any], target: Target, ranges: RangeLedger, conn_id: str
+) -> int:
+    """The rows the ranges report as staged into ``target`` (their ledger rows). Ends the
+    transaction it opens."""
+    try:
+        loaded = _adapters.range_ledger_rows(
+            conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
+            run_id=ranges.run_id, lineage=ranges.lineage, conn_id=conn_id,
+            destination=target.staging_key,
+        )
+    finally:
+        conn.rollback()
+    return sum(r for _, r, _ in loaded)
+
+
+def landed(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger
+) -> Published:
+    """Without staging (append, ``stage=False``): every range loaded straight into the
+    table; checks that the ledger holds a row for each, and sums them. Changes nothing.
+    Ends the transaction it opens."""
+    try:
+        loaded = _adapters.range_ledger_rows(
+            conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
+            run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
+            destination=target.key,
+        )
+    finally:
+        conn.rollback()
+    if len(loaded) != ranges.parts:
+        raise PublishError(
+            f"{spec.label}: {len(loaded)} of {ranges.parts} ranges are recorded as loaded into "
+            f"{target.key}"
+        )
+    return Published(sum(r for _, r, _ in loaded), sum(b for _, _, b in loaded))
