@@ -388,3 +388,8 @@ def _with_skipped(
         report.rows = max((r.rows or 0 for r in report.destinations), default=0)
         report.bytes = max((r.bytes or 0 for r in report.destinations), default=0)
     return report
+
+
+# The split load (operators/split.py builds on this module, so it comes last) is imported
+# from here too: `from airflow_copyman.operators.copyman import CopyManSplitGroup`.
+from airflow_copyman.operators.split import CopyManSplitGroup as CopyManSplitGroup  # noqa: E402
