@@ -156,9 +156,51 @@ def test_merge_refuses_a_key_twice_and_changes_nothing(pair: tuple[Database, Dat
     spec = load.Destination("dst", "items", mode="merge", key=("id",))
     ident = identity("items")
     target, parts, columns = stage_all(src, dst, spec, ident, parts=2)
-    with pytest.raises(split.PublishError, match="occur more than once"):
+    with pytest.raises(split.PublishError, match=r"occurs more than once.*\(id\)=\(1\)"):
         publish(dst, spec, target, parts, columns, ident)
     assert dst.execute("SELECT * FROM items") == [(1, "old")]
+
+
+def test_merge_null_keys_refused_or_matched_and_equal_rows_not_rewritten(
+    pair: tuple[Database, Database],
+) -> None:
+    src, dst = pair
+    src.execute("CREATE TABLE items (id int, v text);"
+                " INSERT INTO items VALUES (1, 'same'), (2, 'new'), (NULL, 'n')")
+    dst.execute("CREATE TABLE items (id int, v text);"
+                " INSERT INTO items VALUES (1, 'same'), (2, 'old'), (NULL, 'was')")
+    before = dst.scalar("SELECT xmin::text FROM items WHERE id = 1")
+    refuse = load.Destination("dst", "items", mode="merge", key=("id",))
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, refuse, ident, parts=2)
+    with pytest.raises(split.PublishError, match=r"1 staged row\(s\) have a NULL .*id: 1"):
+        publish(dst, refuse, target, parts, columns, ident)
+    match = load.Destination("dst", "items", mode="merge", key=("id",), key_nulls="match")
+    done = publish(dst, match, target, parts, columns, ident, try_number=2)
+    assert (done.inserted, done.updated) == (0, 2)  # id 2 and the NULL key; id 1 equal
+    assert dst.scalar("SELECT xmin::text FROM items WHERE id = 1") == before  # not rewritten
+    assert dst.execute("SELECT id, v FROM items ORDER BY id") == [
+        (1, "same"), (2, "new"), (None, "n")
+    ]
+
+
+def test_publish_waits_for_the_tables_load_lock_and_names_its_holder(
+    items: tuple[Database, Database],
+) -> None:
+    src, dst = items
+    spec = load.Destination("dst", "items", mode="append")
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, spec, ident)
+    with dst.connect() as other:  # a load of the table in its transaction holds the lock
+        other.execute("SET application_name = 'copyman other.load run'")
+        load.take_load_lock(other, "items", 5)
+        started = time.monotonic()
+        with pytest.raises(load.LockWaitTimeout, match=r"load lock.*'copyman other\.load run'"):
+            publish(dst, spec, target, parts, columns, ident, lock_timeout=0.5)
+        assert time.monotonic() - started < 10
+        assert dst.scalar("SELECT count(*) FROM items") == 2  # unchanged
+        other.rollback()
+    assert publish(dst, spec, target, parts, columns, ident, try_number=2).rows == 300
 
 
 def test_staging_names_differ_per_run_lineage_and_destination() -> None:

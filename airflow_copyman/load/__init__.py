@@ -41,10 +41,14 @@ from airflow_copyman.load.connection.endpoint import (
     postgres,
 )
 from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
-from airflow_copyman.load.connection.locks import application_name_for
+from airflow_copyman.load.connection.load_lock import take_load_lock
+from airflow_copyman.load.connection.locks import LockWaitTimeout, application_name_for
 from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey, ledger_rows
+from airflow_copyman.load.modes import statements as mode_sql
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
+from airflow_copyman.load.modes.merge import key_indexes as merge_key_indexes
+from airflow_copyman.load.modes.merge import send_functions as merge_send_functions
 from airflow_copyman.load.options import (
     LOCK_TIMEOUT,
     PROGRESS_INTERVAL,
@@ -94,6 +98,7 @@ __all__ = [
     "LoadError",
     "LoadMode",
     "LoadOptions",
+    "LockWaitTimeout",
     "Merge",
     "MergeConflictError",
     "Mode",
@@ -119,10 +124,14 @@ __all__ = [
     "is_deferred",
     "is_permanent",
     "ledger_rows",
+    "merge_key_indexes",
+    "merge_send_functions",
+    "mode_sql",
     "open_connection",
     "postgres",
     "prepare_connection",
     "run",
+    "take_load_lock",
 ]
 
 

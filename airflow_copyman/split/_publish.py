@@ -74,7 +74,8 @@ def publish(
             return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
                              already=True, try_number=entry.try_number)
         rows, nbytes = _check_staged(conn, spec, target, ranges)
-        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target.table_id))
+        # One load of the table at a time: the same lock every CopyMan load of it takes.
+        load.take_load_lock(conn, target.key, lock_timeout)
         for statement in spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]
         inserted, updated = _apply(conn, spec, target, source_columns, lock_timeout)
@@ -154,20 +155,17 @@ def _apply(
     lock_timeout: float,
 ) -> tuple[int | None, int | None]:
     columns = _columns(conn, spec, target, source)
-    names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    insert = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
-        target.table_id, names, names, target.staging_id
-    )
-    if spec.mode == "replace":
-        if spec.replace_with == "delete":
-            conn.execute(sql.SQL("DELETE FROM {}").format(target.table_id))
-        else:
-            _truncate(conn, target, spec.cascade, lock_timeout)
-        conn.execute(insert)
-        return None, None
     if spec.mode == "merge":
         return _merge(conn, spec, target, columns)
-    conn.execute(insert)
+    if spec.mode == "replace":
+        if spec.replace_with == "delete":
+            conn.execute(load.mode_sql.delete_all(target.table_id, only=False))
+        else:
+            _truncate(conn, target, spec.cascade, lock_timeout)
+    names = load.mode_sql.names(columns)
+    conn.execute(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
+        target.table_id, names, names, target.staging_id
+    ))
     return None, None
 
 
@@ -181,9 +179,7 @@ def _truncate(
 ) -> None:
     """TRUNCATE in tries of :data:`TRUNCATE_TRY` (each in a savepoint) until
     ``lock_timeout`` is spent; then the last try's LockNotAvailable (transient)."""
-    statement = sql.SQL("TRUNCATE {}{}").format(
-        target.table_id, sql.SQL(" CASCADE") if cascade else sql.SQL("")
-    )
+    statement = load.mode_sql.truncate(target.table_id, only=False, cascade=cascade)
     deadline = time.monotonic() + lock_timeout
     while True:
         try_for = max(0.01, min(TRUNCATE_TRY, deadline - time.monotonic()))
@@ -202,49 +198,51 @@ def _truncate(
 def _merge(
     conn: psycopg.Connection[Any], spec: load.Destination, target: Target, columns: list[str]
 ) -> tuple[int, int]:
-    """One merge from the staging table: rows whose key exists and differ are updated, the
-    others inserted; rows equal to the staged ones are left alone (not counted)."""
+    """The load layer's merge (its statements, :data:`load.mode_sql`) from the staging
+    table: NULL keys refused unless ``key_nulls="match"``, a repeated key refused, rows
+    whose values differ updated (rows equal to the staged ones are not rewritten), the
+    others inserted."""
     key = list(spec.key or ())
-    s, t = sql.Identifier("s"), sql.Identifier("t")
-    keys_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in key)
-    key_list = sql.SQL(", ").join(map(sql.Identifier, key))
-    problem = conn.execute(
-        sql.SQL(
-            "SELECT (SELECT count(*) FROM {st} WHERE {nulls}),"
-            " (SELECT count(*) FROM (SELECT FROM {st} GROUP BY {keys} HAVING count(*) > 1) d)"
-        ).format(st=target.staging_id, nulls=keys_null, keys=key_list)
-    ).fetchone()
-    assert problem is not None
-    if problem[0]:
-        raise PublishError(f"{spec.label}: {problem[0]} staged row(s) have a NULL in the merge "
-                           f"key ({', '.join(key)}): the destination was left unchanged")
-    if problem[1]:
-        raise PublishError(f"{spec.label}: {problem[1]} merge key value(s) occur more than once "
-                           "in the source: the destination was left unchanged")
-    match = sql.SQL(" AND ").join(
-        sql.SQL("{}.{} = {}.{}").format(t, sql.Identifier(k), s, sql.Identifier(k)) for k in key
+    nulls_match = spec.key_nulls == "match"
+    stage = target.staging_id
+    mode_sql = load.mode_sql
+    if not nulls_match:
+        counts = conn.execute(mode_sql.null_key_count(key, stage)).fetchone()
+        assert counts is not None
+        if counts[0]:
+            per_key = ", ".join(f"{k}: {n}" for k, n in zip(key, counts[1:], strict=True) if n)
+            raise PublishError(
+                f"{spec.label}: {counts[0]} staged row(s) have a NULL in the merge key "
+                f"({per_key}); a NULL key matches no row (key_nulls='match' matches them as "
+                "equal): the destination was left unchanged"
+            )
+    try:
+        conn.execute(mode_sql.unique_key_index(key, nulls_match=nulls_match, stage=stage))
+    except psycopg.errors.UniqueViolation as exc:
+        duplicate = (exc.diag.message_detail or "").strip().rstrip(".")
+        raise PublishError(
+            f"{spec.label}: the merge key ({', '.join(key)}) occurs more than once in the "
+            f"source ({duplicate or 'a key is duplicated'}): the destination was left "
+            "unchanged"
+        ) from None
+    key_indexes = load.merge_key_indexes(conn, target.key, key)
+    update = mode_sql.update_changed(
+        target.table_id, columns, key, load.merge_send_functions(conn, target.key),
+        nulls_match=nulls_match, stage=stage,
     )
-    rest = [c for c in columns if c not in key]
-    updated = 0
-    if rest:
-        row = sql.SQL(", ").join(map(sql.Identifier, rest))
-        result = conn.execute(sql.SQL(
-            "UPDATE {table} AS t SET ({cols}) = ROW({scols}) FROM {st} AS s WHERE {match}"
-            " AND ROW({tcols})::text IS DISTINCT FROM ROW({scols})::text"
-        ).format(
-            table=target.table_id, cols=row, st=target.staging_id, match=match,
-            scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in rest),
-            tcols=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in rest),
-        ))
-        updated = result.rowcount
-    names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    inserted = conn.execute(sql.SQL(
-        "INSERT INTO {table} ({names}) OVERRIDING SYSTEM VALUE SELECT {snames} FROM {st} AS s"
-        " WHERE NOT EXISTS (SELECT FROM {table} AS t WHERE {match})"
-    ).format(
-        table=target.table_id, names=names, st=target.staging_id, match=match,
-        snames=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in columns),
-    )).rowcount
+    try:
+        updated = 0 if update is None else conn.execute(update).rowcount
+        inserted = conn.execute(mode_sql.insert_missing(
+            target.table_id, columns, key, nulls_match=nulls_match, stage=stage
+        )).rowcount
+    except psycopg.errors.UniqueViolation as exc:
+        if exc.diag.constraint_name not in key_indexes:
+            raise  # another unique column: the source's own value, permanent
+        raise load.MergeConflictError(
+            f"{spec.label}: a writer outside CopyMan inserted a key this merge was inserting, "
+            "after the merge looked for it: the destination was left unchanged; a retry "
+            "merges it"
+        ) from exc
     return inserted, updated
 
 

@@ -216,21 +216,10 @@ class Merge(Mode):
         return 0 if update is None else conn.execute(update).rowcount
 
     def _send_functions(self, conn: psycopg.Connection[Any]) -> dict[str, sql.Identifier | None]:
-        rows = conn.execute(
-            _SEND_FUNCTIONS,  # type: ignore[arg-type]
-            {"table": self.table.regclass_text},
-        ).fetchall()
-        return {
-            name: sql.Identifier(schema, function) if function is not None else None
-            for name, schema, function in rows
-        }
+        return send_functions(conn, self.table.regclass_text)
 
     def _key_indexes(self, conn: psycopg.Connection[Any]) -> frozenset[str]:
-        rows = conn.execute(
-            _KEY_INDEXES,  # type: ignore[arg-type]
-            {"table": self.table.regclass_text, "key": self.key},
-        ).fetchall()
-        return frozenset(name for (name,) in rows)
+        return key_indexes(conn, self.table.regclass_text, self.key)
 
     def written(
         self, conn: psycopg.Connection[Any]
@@ -245,6 +234,32 @@ class Merge(Mode):
     @property
     def _nulls_match(self) -> bool:
         return self.key_nulls == "match"
+
+
+def send_functions(
+    conn: psycopg.Connection[Any], regclass_text: str
+) -> dict[str, sql.Identifier | None]:
+    """Each column of the table and its type's binary send function (None: none), as
+    :func:`statements.update_changed` compares values."""
+    rows = conn.execute(
+        _SEND_FUNCTIONS,  # type: ignore[arg-type]
+        {"table": regclass_text},
+    ).fetchall()
+    return {
+        name: sql.Identifier(schema, function) if function is not None else None
+        for name, schema, function in rows
+    }
+
+
+def key_indexes(
+    conn: psycopg.Connection[Any], regclass_text: str, key: Sequence[str]
+) -> frozenset[str]:
+    """The unique indexes whose violation means a merge key exists (a concurrent writer)."""
+    rows = conn.execute(
+        _KEY_INDEXES,  # type: ignore[arg-type]
+        {"table": regclass_text, "key": list(key)},
+    ).fetchall()
+    return frozenset(name for (name,) in rows)
 
 
 def _detail(exc: psycopg.Error) -> str:

@@ -64,25 +64,28 @@ def copy_into_stage(columns: Sequence[str], fmt: str) -> sql.Composed:
     )
 
 
-def null_key_count(key: Sequence[str]) -> sql.Composed:
-    """One row: the staged rows with a NULL in the key, then how many per key column."""
+def null_key_count(key: Sequence[str], stage: sql.Composable = STAGE) -> sql.Composed:
+    """One row: the staged rows with a NULL in the key, then how many per key column.
+    ``stage``: the staging table (a split load's publish has one of its own)."""
     return sql.SQL("SELECT count(*), {per_key} FROM {s} WHERE {any_null}").format(
         per_key=sql.SQL(", ").join(
             sql.SQL("count(*) FILTER (WHERE {} IS NULL)").format(sql.Identifier(k))
             for k in key
         ),
-        s=STAGE,
+        s=stage,
         any_null=sql.SQL(" OR ").join(
             sql.SQL("{} IS NULL").format(sql.Identifier(k)) for k in key
         ),
     )
 
 
-def unique_key_index(key: Sequence[str], *, nulls_match: bool) -> sql.Composed:
+def unique_key_index(
+    key: Sequence[str], *, nulls_match: bool, stage: sql.Composable = STAGE
+) -> sql.Composed:
     """A unique index on the staged keys: its error names a key that repeats. Where NULLs
     match (``key_nulls="match"``), repeated NULL keys are duplicates too."""
     return sql.SQL("CREATE UNIQUE INDEX ON {} ({}){}").format(
-        STAGE, names(key), sql.SQL(" NULLS NOT DISTINCT" if nulls_match else "")
+        stage, names(key), sql.SQL(" NULLS NOT DISTINCT" if nulls_match else "")
     )
 
 
@@ -116,6 +119,7 @@ def update_changed(
     send: Mapping[str, sql.Identifier | None],
     *,
     nulls_match: bool,
+    stage: sql.Composable = STAGE,
 ) -> sql.Composed | None:
     """``UPDATE`` the rows whose key was staged and whose values differ (compared exactly,
     ``send``: each column's send function); None where only key columns load (a found row
@@ -134,7 +138,7 @@ def update_changed(
             sql.SQL("{c} = {sa}.{c}").format(c=sql.Identifier(c), sa=sql.Identifier(s))
             for c in others
         ),
-        s=STAGE,
+        s=stage,
         sa=sql.Identifier(s),
         match=key_match(t, s, key, nulls_match=nulls_match),
         old=sql.SQL(", ").join(exact_value(send.get(c), t, c) for c in others),
@@ -143,7 +147,12 @@ def update_changed(
 
 
 def insert_missing(
-    table: sql.Composable, columns: Sequence[str], key: Sequence[str], *, nulls_match: bool
+    table: sql.Composable,
+    columns: Sequence[str],
+    key: Sequence[str],
+    *,
+    nulls_match: bool,
+    stage: sql.Composable = STAGE,
 ) -> sql.Composed:
     """``INSERT`` the staged rows whose key is not in the table."""
     t, s = TABLE_ALIAS, STAGE_ALIAS
@@ -156,7 +165,7 @@ def insert_missing(
         scols=sql.SQL(", ").join(
             sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(c)) for c in columns
         ),
-        s=STAGE,
+        s=stage,
         sa=sql.Identifier(s),
         ta=sql.Identifier(t),
         match=key_match(t, s, key, nulls_match=nulls_match),
