@@ -21,6 +21,7 @@ def identity(table: str, run_id: str = RUN, lineage: str = "L1") -> split.Identi
 
 def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split.Identity,
               parts: int = 3, where: str | None = None, ledger_schema: str | None = None,
+              verify: str = "count", fmt: str | None = None,
               ) -> tuple[split.Target, int, list[str]]:
     """Plan ``spec``'s source table, load every range into the staging table as the
     group's mapped load task does; return the target, the number of ranges, the columns."""
@@ -37,7 +38,7 @@ def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split
             load.postgres("src", src.uri()), query,
             [load.Destination("dst", target.staging_text)],
             endpoints={"dst": load.postgres("dst", dst.uri())},
-            ledger=load.Ledger(ledger_schema, key),
+            ledger=load.Ledger(ledger_schema, key), verify=verify, format=fmt,
         )
         assert not report.failed, report
     return target, len(ranges), columns
@@ -45,13 +46,15 @@ def stage_all(src: Database, dst: Database, spec: load.Destination, ident: split
 
 def publish(dst: Database, spec: load.Destination, target: split.Target, parts: int,
             columns: list[str], ident: split.Identity, try_number: int = 1,
-            ledger_schema: str | None = None, lock_timeout: float = 5) -> split.Published:
+            ledger_schema: str | None = None, lock_timeout: float = 5, verify: str = "count",
+            settings: dict[str, str] | None = None) -> split.Published:
     key = load.TaskKey("dag", "grp.publish", ident.run_id, -1, ident.lineage, try_number)
     ranges = split.RangeLedger("dag", "grp.load", ident.run_id, ident.lineage, parts,
                                ledger_schema)
     with dst.connect() as conn:
         return split.publish(conn, spec, target, load.Ledger(ledger_schema, key), ranges,
-                             source_columns=columns, lock_timeout=lock_timeout)
+                             source_columns=columns, lock_timeout=lock_timeout,
+                             verify=verify, render_settings=settings)
 
 
 @pytest.fixture
@@ -201,6 +204,45 @@ def test_publish_waits_for_the_tables_load_lock_and_names_its_holder(
         assert dst.scalar("SELECT count(*) FROM items") == 2  # unchanged
         other.rollback()
     assert publish(dst, spec, target, parts, columns, ident, try_number=2).rows == 300
+
+
+@pytest.mark.parametrize("fmt", ["binary", "csv"])
+def test_checksum_of_the_staging_table_must_equal_the_ranges_sum(
+    items: tuple[Database, Database], fmt: str,
+) -> None:
+    src, dst = items
+    spec = load.Destination("dst", "items", mode="replace")
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, spec, ident, verify="checksum", fmt=fmt)
+    with src.connect() as conn:
+        settings = load.render_settings(conn)
+    dst.execute(f"UPDATE {target.staging_text} SET v = 'changed' WHERE id = 7")  # same count
+    with pytest.raises(split.PublishError, match=r"checksum of staging table .* differs from "
+                       rf"the sum of its {parts} ranges' \(300 rows, copy-{fmt}"):
+        publish(dst, spec, target, parts, columns, ident, verify="checksum", settings=settings)
+    assert dst.scalar("SELECT count(*) FROM items") == 2  # unchanged
+    dst.execute(f"UPDATE {target.staging_text} SET v = 'v7' WHERE id = 7")
+    done = publish(dst, spec, target, parts, columns, ident, try_number=2, verify="checksum",
+                   settings=settings)
+    assert done.rows == 300 and dst.scalar("SELECT count(*) FROM items") == 300
+
+
+def test_checksum_by_row_text_where_types_differ_and_none_recorded(
+    pair: tuple[Database, Database],
+) -> None:
+    src, dst = pair
+    src.execute("CREATE TABLE items (id int, v numeric);"
+                " INSERT INTO items SELECT g, g / 3.0 FROM generate_series(1, 50) g")
+    dst.execute("CREATE TABLE items (id bigint, v numeric(12, 2))")
+    spec = load.Destination("dst", "items", mode="append")
+    ident = identity("items")
+    target, parts, columns = stage_all(src, dst, spec, ident, verify="checksum")
+    assert dst.scalar("SELECT bool_and(checksum LIKE '%:row-text:%') FROM copyman_ledger")
+    assert publish(dst, spec, target, parts, columns, ident, verify="checksum").rows == 50
+    ident2 = identity("items", lineage="L2")
+    target, parts, columns = stage_all(src, dst, spec, ident2)  # no checksum per range
+    with pytest.raises(split.PublishError, match="recorded no checksum"):
+        publish(dst, spec, target, parts, columns, ident2, verify="checksum")
 
 
 def test_staging_names_differ_per_run_lineage_and_destination() -> None:

@@ -43,7 +43,14 @@ from airflow_copyman.load.connection.endpoint import (
 from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
 from airflow_copyman.load.connection.load_lock import take_load_lock
 from airflow_copyman.load.connection.locks import LockWaitTimeout, application_name_for
-from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey, ledger_rows
+from airflow_copyman.load.ledger.table import (
+    Entry,
+    Extras,
+    Ledger,
+    TaskKey,
+    ledger_checksums,
+    ledger_rows,
+)
 from airflow_copyman.load.modes import statements as mode_sql
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
@@ -76,6 +83,9 @@ from airflow_copyman.load.spec import (
     destinations_from,
 )
 from airflow_copyman.load.transfer import Endpoints, Transfer
+from airflow_copyman.load.verify.checksum import Checksum, ChecksumMismatch
+from airflow_copyman.load.verify.readback import render_settings
+from airflow_copyman.load.verify.staged import parse_checksum, relation_checksum, sum_checksums
 
 __all__ = [
     "APPLICATION_NAME",
@@ -86,6 +96,8 @@ __all__ = [
     "Append",
     "ArgumentError",
     "BoundedConnection",
+    "Checksum",
+    "ChecksumMismatch",
     "ConfigError",
     "Destination",
     "DestinationResult",
@@ -123,14 +135,19 @@ __all__ = [
     "destinations_from",
     "is_deferred",
     "is_permanent",
+    "ledger_checksums",
     "ledger_rows",
     "merge_key_indexes",
     "merge_send_functions",
     "mode_sql",
     "open_connection",
+    "parse_checksum",
     "postgres",
     "prepare_connection",
+    "relation_checksum",
+    "render_settings",
     "run",
+    "sum_checksums",
     "take_load_lock",
 ]
 

@@ -160,7 +160,8 @@ class CopyManSplitGroup(TaskGroup):
             ).expand(part=plan.output)
             publish = _SplitPublish(
                 task_id="publish", destinations=destinations, min_rows=min_rows,
-                plan_task_id=plan.task_id, load_task_id=f"{self.group_id}.load", **common,
+                verify=verify, plan_task_id=plan.task_id,
+                load_task_id=f"{self.group_id}.load", **common,
             )
             loads >> publish
         self.plan, self.load, self.publish = plan, loads, publish
@@ -327,11 +328,13 @@ class _SplitPublish(_SplitTask):
 
     def __init__(
         self, *, destinations: Any, min_rows: int, plan_task_id: str, load_task_id: str,
-        **kwargs: Any,
+        verify: str = "count", **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.destinations = destinations
         self.min_rows = min_rows
+        self.verify = verify
+        self._render_settings: dict[str, str] | None = None
         self.plan_task_id = plan_task_id
         self.load_task_id = load_task_id
         self._report: load.TransferReport | None = None
@@ -358,6 +361,10 @@ class _SplitPublish(_SplitTask):
         results: list[load.DestinationResult] = []
         targets: list[tuple[load.Destination, split.Target]] = []
         specs = self.specs(self.destinations)
+        if self.verify == "checksum" and self.stage:
+            # A text or CSV read-back of the staging tables renders as the ranges' source did.
+            with CopyManHook(self.source_conn_id).get_conn() as conn:
+                self._render_settings = load.render_settings(conn)
         for spec in specs:
             results.append(
                 self._publish_one(context, spec, lineage, ranges, ledger, columns, targets)
@@ -426,8 +433,11 @@ class _SplitPublish(_SplitTask):
                 else:
                     if self.min_rows:
                         self._check_min_rows(conn, spec, target, ranges)
-                    done = split.publish(conn, spec, target, ledger, ranges,
-                                         source_columns=columns, lock_timeout=self.lock_timeout)
+                    done = split.publish(
+                        conn, spec, target, ledger, ranges, source_columns=columns,
+                        lock_timeout=self.lock_timeout, verify=self.verify,
+                        render_settings=self._render_settings, timeout=self.receiver_timeout,
+                    )
         except Exception as exc:
             error = _adapters.describe_error(exc, tuple(hook.secrets))
             self.log.error("%s: not published (unchanged): %s", spec.label, error)

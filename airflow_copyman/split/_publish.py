@@ -21,6 +21,9 @@ from airflow_copyman import load
 from airflow_copyman.split import _adapters
 from airflow_copyman.split._staging import Target, _set_lock_timeout
 
+#: The longest wait for the staging table's rows while checksumming them (seconds).
+CHECKSUM_TIMEOUT = 300.0
+
 
 class PublishError(Exception):
     """What was staged does not add up, or a merge key is NULL or repeated: no retry fixes
@@ -58,10 +61,16 @@ class Published:
 def publish(
     conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ledger: load.Ledger,
     ranges: RangeLedger, *, source_columns: list[str], lock_timeout: float,
+    verify: str = "count", render_settings: dict[str, str] | None = None,
+    timeout: float = CHECKSUM_TIMEOUT,
 ) -> Published:
     """Publish ``target``'s staged rows into its table, once per lineage (``ledger``).
     ``source_columns``: the source table's columns (those the ranges filled, matched by
-    name; the table's other columns keep their defaults or, in a merge, their values)."""
+    name; the table's other columns keep their defaults or, in a merge, their values).
+    ``verify="checksum"``: the staging table's checksum must equal the sum of the ranges'
+    (their ledger rows'), else :class:`PublishError`; ``render_settings``: the source's
+    (:func:`load.render_settings`) where the ranges' COPY was text or CSV; ``timeout``: the
+    longest wait for the staging table's rows while checksumming."""
     schema = ledger.schema or target.schema
     ledger.ensure_table(conn, schema)
     try:
@@ -74,6 +83,9 @@ def publish(
             return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
                              already=True, try_number=entry.try_number)
         rows, nbytes = _check_staged(conn, spec, target, ranges)
+        if verify == "checksum":
+            columns = list(spec.columns) if spec.columns else source_columns
+            _check_checksum(conn, spec, target, ranges, columns, render_settings, timeout)
         # One load of the table at a time: the same lock every CopyMan load of it takes.
         load.take_load_lock(conn, target.key, lock_timeout)
         for statement in spec.statements:
@@ -133,6 +145,36 @@ def _check_staged(
             f"reported {reported}: the destination was left unchanged"
         )
     return staged, sum(b for _, _, b in loaded)
+
+
+def _check_checksum(
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger,
+    columns: list[str], render_settings: dict[str, str] | None, timeout: float,
+) -> None:
+    """The staging table's checksum, taken as the ranges' were, equals their sum."""
+    recorded = load.ledger_checksums(
+        conn, ranges.schema_for(target), dag_id=ranges.dag_id, task_id=ranges.task_id,
+        run_id=ranges.run_id, lineage=ranges.lineage, conn_id=spec.conn_id,
+        destination=target.staging_key,
+    )
+    missing = [m for m, text in recorded if text is None]
+    if missing or not recorded:
+        raise PublishError(
+            f"{spec.label}: verify='checksum', but range(s) {missing or 'all'} recorded no "
+            f"checksum in the ledger for {target.staging_key} (loaded without "
+            "verify='checksum'?): the destination was left unchanged"
+        )
+    expected = load.sum_checksums([load.parse_checksum(t) for _, t in recorded if t])
+    staged = load.relation_checksum(
+        conn, target.staging_id, columns, expected.method, settings=render_settings,
+        timeout=timeout,
+    )
+    if staged != expected:
+        raise PublishError(
+            f"{spec.label}: the checksum of staging table {target.staging_key} ({staged}) "
+            f"differs from the sum of its {len(recorded)} ranges' ({expected}): the staged "
+            "rows were changed after their ranges loaded: the destination was left unchanged"
+        )
 
 
 def _columns(

@@ -330,3 +330,27 @@ def ledger_rows(
         [dag_id, task_id, run_id, lineage, conn_id, destination],
     ).fetchall()
     return [(int(m), int(r), int(b)) for m, r, b in found]
+
+
+def ledger_checksums(
+    conn: psycopg.Connection[Any], schema: str, *, dag_id: str, task_id: str, run_id: str,
+    lineage: str, conn_id: str, destination: str,
+) -> list[tuple[int, str | None]]:
+    """(map_index, checksum text or None) of the same ledger rows as :func:`ledger_rows`:
+    what each range's ``verify="checksum"`` recorded (None: no checksum, or a ledger table
+    made before its ``checksum`` column)."""
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL",
+        [sql.Identifier(schema, TABLE).as_string(conn)],
+    ).fetchone()
+    if not exists or not exists[0]:
+        return []
+    found = conn.execute(
+        sql.SQL(
+            "SELECT map_index, to_jsonb(l) ->> 'checksum' FROM {} AS l WHERE dag_id = %s"
+            " AND task_id = %s AND run_id = %s AND lineage = %s AND conn_id = %s"
+            " AND destination = %s ORDER BY map_index"
+        ).format(sql.Identifier(schema, TABLE)),
+        [dag_id, task_id, run_id, lineage, conn_id, destination],
+    ).fetchall()
+    return [(int(m), c) for m, c in found]
