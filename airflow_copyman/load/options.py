@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,18 @@ def count(name: str, value: Any) -> int:
     return value
 
 
+def snapshot(value: Any) -> str | None:
+    """None, or a snapshot id as ``pg_export_snapshot()`` returns it (``00000003-0000001B-1``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9A-Fa-f]+(-[0-9A-Fa-f]+)+", value):
+        raise ArgumentError(
+            f"snapshot must be None or an id from pg_export_snapshot(), got {kind(value)}"
+            + (f" {value!r}" if isinstance(value, str) else "")
+        )
+    return value
+
+
 def _format(value: Any) -> Format | None:
     try:
         return normalize_format(value)
@@ -174,6 +187,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_bytes_per_second": lambda v: bytes_per_second("max_bytes_per_second", v),
     "verify": verify,
     "format": _format,
+    "snapshot": snapshot,
 }
 
 
@@ -189,6 +203,9 @@ class LoadOptions:
     silences; ``lock_timeout``: of every lock wait. ``progress_interval``: seconds between two
     progress reports (0: every chance). ``min_rows``: fewer rows from the source fail the
     load. ``max_bytes_per_second``: a cap on what is read from the source (None: none).
+    ``snapshot``: an exported snapshot (``pg_export_snapshot()``, its transaction still open
+    on the same server) the source's transaction reads in (``SET TRANSACTION SNAPSHOT``):
+    several loads of one source then read the same rows.
     """
 
     format: str | None = None
@@ -199,6 +216,7 @@ class LoadOptions:
     progress_interval: float = PROGRESS_INTERVAL
     min_rows: int = 0
     max_bytes_per_second: float | None = None
+    snapshot: str | None = None
     #: Called with a :class:`~airflow_copyman.load.Progress` from the loading thread, at
     #: most every ``progress_interval`` seconds while the copy runs, and once at the end.
     on_progress: Callable[[Progress], None] | None = field(default=None, compare=False)

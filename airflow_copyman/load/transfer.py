@@ -98,6 +98,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.min_rows = options.min_rows
         self.max_bytes_per_second = options.max_bytes_per_second
         self.verify = options.verify
+        self.snapshot = options.snapshot
         self.requested_format = tables.normalize_format(options.format)
         self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
         self.parameters = options.parameters

@@ -15,6 +15,7 @@ from psycopg import sql
 from airflow_copyman.split._adapters import is_table_name
 from airflow_copyman.split._catalog import SourceTable, SplitPlanError, column_names, plan
 from airflow_copyman.split._catalog import source_table as plan_source
+from airflow_copyman.split._parallel import TaskRun, run_parallel
 from airflow_copyman.split._publish import (
     Published,
     PublishError,
@@ -47,6 +48,7 @@ __all__ = [
     "SplitPlanError",
     "StagingError",
     "Target",
+    "TaskRun",
     "column_names",
     "drop_leftovers",
     "ensure_staging",
@@ -57,6 +59,7 @@ __all__ = [
     "plan_source",
     "publish",
     "range_query",
+    "run_parallel",
     "staged_rows",
     "staging_name",
     "target",

@@ -27,11 +27,15 @@ WRITING_NODES: Mapping[str, str] = {
 }
 
 
-def begin(conn: psycopg.Connection[Any]) -> None:
+def begin(conn: psycopg.Connection[Any], snapshot: str | None = None) -> None:
     """Make ``conn``'s next transaction ``REPEATABLE READ, READ ONLY`` (psycopg sends the
-    ``BEGIN`` with the first statement). The connection must be idle."""
+    ``BEGIN`` with the first statement). The connection must be idle. With ``snapshot`` (an
+    exported one), the transaction begins now and reads in it: ``SET TRANSACTION SNAPSHOT``
+    must be its first statement."""
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True
+    if snapshot is not None:
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
 
 
 def refuse_writes(conn: psycopg.Connection[Any], query: sql.Composable | str) -> None:

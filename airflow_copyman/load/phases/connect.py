@@ -69,7 +69,7 @@ class Connecting(State):
         src_result, *target_results = results
         if not isinstance(src_result, BaseException):
             self.src = self._bind(src_result)
-            readonly.begin(self.src)
+            readonly.begin(self.src, self.snapshot)
         for target, result in zip(self.targets, target_results, strict=True):
             if not isinstance(result, BaseException):
                 target.conn = self._bind(result)

@@ -89,6 +89,8 @@ class State:
     min_rows: int
     max_bytes_per_second: float | None
     verify: str
+    #: An exported snapshot the source's transaction reads in (None: its own).
+    snapshot: str | None
     requested_format: tables.Format | None
     specs: list[Destination]
     parameters: tables.Params | None

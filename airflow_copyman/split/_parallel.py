@@ -1,0 +1,206 @@
+"""N ranges of one table inside one process (``CopyManOperator(..., parallel=N)``), all
+reading one exported snapshot, through the split load's staging and publish.
+
+The source connection that exported the snapshot (``pg_export_snapshot()``) keeps its
+transaction open until every range has read: a snapshot can be imported only while its
+exporting transaction lives. Each range's source transaction begins with ``SET TRANSACTION
+SNAPSHOT`` (:class:`load.LoadOptions` ``snapshot``), so together the ranges read exactly
+the table as it was at the export, however it changes meanwhile.
+
+A try's ranges have a lineage of their own (the task's lineage and the try): a retry
+exports a new snapshot, so it loads every range again into a new staging table rather than
+mixing ranges of two snapshots; the publish is keyed by the task's lineage, so a retry
+after a publish that committed changes nothing. Imports no Airflow module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+
+from airflow_copyman import load
+from airflow_copyman.split import _adapters
+from airflow_copyman.split._catalog import column_names, plan
+from airflow_copyman.split._publish import Published, RangeLedger, publish, staged_rows
+from airflow_copyman.split._ranges import Range
+from airflow_copyman.split._staging import Identity, Target, drop_leftovers, ensure_staging, target
+
+#: The suffix of the task id the ranges' ledger rows are keyed by.
+RANGE_TASK_SUFFIX = ".range"
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """The task and try running the ranges (the ledger's keys)."""
+
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int
+    #: The task's lineage (kept across its tries): the publish's ledger key.
+    lineage: str
+    try_number: int
+
+    @property
+    def range_lineage(self) -> str:
+        return f"{self.lineage}.try{self.try_number}"
+
+
+def run_parallel(
+    source: load.Endpoint, table: str, destinations: Sequence[load.Destination], *,
+    endpoints: Mapping[str, load.Endpoint], parallel: int, task: TaskRun,
+    ledger_schema: str | None, options: load.LoadOptions, log: logging.Logger,
+) -> load.TransferReport:
+    """Load ``table`` from ``source`` in ``parallel`` ranges at once, all in one exported
+    snapshot, staged per destination, then publish each destination in one transaction.
+    Destinations whose ranges or publish failed are in the report as failed (unchanged)."""
+    with source.connect() as conn:
+        source_table, ranges = plan(conn, table, None, parallel)
+        columns = column_names(conn, source_table)
+    log.info("%s splits into %d range(s) in one snapshot: %s", source_table, len(ranges),
+             "; ".join(r.describe() for r in ranges))
+    targets: dict[str, Target] = {}
+    results: dict[str, load.DestinationResult] = {}
+    for spec in destinations:
+        try:
+            with endpoints[spec.conn_id].connect() as conn:
+                found = target(conn, spec.table, _identity(task, spec))
+                ensure_staging(conn, found, _identity(task, spec), options.lock_timeout)
+            targets[spec.label] = found
+        except Exception as exc:
+            results[spec.label] = _failed(spec, exc, source, endpoints)
+    staged = [s for s in destinations if s.label in targets]
+    settings: dict[str, str] | None = None
+    if staged:
+        with source.connect() as holder:
+            snapshot = _export_snapshot(holder)
+            log.info("Snapshot %s exported; %d range(s) read in it", snapshot, len(ranges))
+            if options.verify == "checksum":
+                settings = load.render_settings(holder)
+            reports = _load_ranges(
+                source, source_table.schema, source_table.name, ranges, staged, targets,
+                endpoints=endpoints, task=task, ledger_schema=ledger_schema,
+                options=replace(options, snapshot=snapshot, min_rows=0),
+            )
+            holder.rollback()  # the ranges have read: the snapshot may go
+        for spec in staged:
+            errors = [r for report in reports for r in report.failed if r.conn_id == spec.conn_id
+                      and r.table == targets[spec.label].staging_text]
+            if errors:
+                first = errors[0]
+                results[spec.label] = load.DestinationResult(
+                    spec.conn_id, spec.table, status="failed", mode=spec.mode,
+                    error=f"{len(errors)} range(s) failed; the first: {first.error}",
+                    permanent=all(e.permanent for e in errors),
+                )
+                continue
+            results[spec.label] = _publish_one(
+                spec, targets[spec.label], endpoints, task, ledger_schema, len(ranges),
+                columns, options, settings, source, log,
+            )
+    ordered = [results[s.label] for s in destinations]
+    done = [r for r in ordered if r.status != "failed"]
+    return load.TransferReport(
+        max((r.rows or 0 for r in done), default=0), max((r.bytes or 0 for r in done), default=0),
+        options.format, 0.0, ordered,
+    )
+
+
+def _identity(task: TaskRun, spec: load.Destination) -> Identity:
+    return Identity(task.dag_id, task.task_id, task.run_id, task.range_lineage, spec.conn_id,
+                    spec.table)
+
+
+def _export_snapshot(conn: psycopg.Connection[Any]) -> str:
+    """Open a read-only REPEATABLE READ transaction that stays open (no idle timeout ends
+    it while the ranges read) and export its snapshot."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+    row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _load_ranges(
+    source: load.Endpoint, schema: str, name: str, ranges: list[Range],
+    specs: list[load.Destination], targets: Mapping[str, Target], *,
+    endpoints: Mapping[str, load.Endpoint], task: TaskRun, ledger_schema: str | None,
+    options: load.LoadOptions,
+) -> list[load.TransferReport]:
+    """Every range at once (one thread each: they wait on their servers, not on Python)."""
+    from airflow_copyman.split import range_query  # the package's, defined after this module
+
+    def one(rng: Range) -> load.TransferReport:
+        key = load.TaskKey(task.dag_id, task.task_id + RANGE_TASK_SUFFIX, task.run_id,
+                           rng.index, task.range_lineage, task.try_number)
+        return load.run(
+            source, range_query(schema, name, rng, None),
+            [load.Destination(s.conn_id, targets[s.label].staging_text, columns=s.columns)
+             for s in specs],
+            endpoints=endpoints, ledger=load.Ledger(ledger_schema, key), options=options,
+        )
+
+    with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="copyman-range") as pool:
+        return list(pool.map(one, ranges))
+
+
+def _publish_one(
+    spec: load.Destination, found: Target, endpoints: Mapping[str, load.Endpoint],
+    task: TaskRun, ledger_schema: str | None, parts: int, columns: list[str],
+    options: load.LoadOptions, settings: dict[str, str] | None, source: load.Endpoint,
+    log: logging.Logger,
+) -> load.DestinationResult:
+    ranges = RangeLedger(task.dag_id, task.task_id + RANGE_TASK_SUFFIX, task.run_id,
+                         task.range_lineage, parts, ledger_schema)
+    key = load.TaskKey(task.dag_id, task.task_id, task.run_id, task.map_index, task.lineage,
+                       task.try_number)
+    try:
+        with endpoints[spec.conn_id].connect() as conn:
+            if options.min_rows:
+                rows = staged_rows(conn, found, ranges, spec.conn_id)
+                if rows < options.min_rows:
+                    raise load.TooFewRowsError(
+                        f"{spec.label}: the ranges staged {rows} rows, fewer than min_rows="
+                        f"{options.min_rows}: nothing published"
+                    )
+            done: Published = publish(
+                conn, spec, found, load.Ledger(ledger_schema, key), ranges,
+                source_columns=columns, lock_timeout=options.lock_timeout,
+                verify=options.verify, render_settings=settings,
+                timeout=options.receiver_timeout,
+            )
+            # This task's staging tables of earlier tries (another run's are its own).
+            drop_leftovers(conn, found.schema, _identity(task, spec),
+                           lambda run_id: run_id != task.run_id, options.lock_timeout)
+    except Exception as exc:
+        failed = _failed(spec, exc, source, endpoints)
+        log.error("%s: not published (unchanged): %s", spec.label, failed.error)
+        return failed
+    log.info("%s: %s %d rows", spec.label,
+             "already published" if done.already else "published", done.rows)
+    return load.DestinationResult(
+        spec.conn_id, spec.table, status="already_loaded" if done.already else "loaded",
+        rows=done.rows, bytes=done.bytes, mode=spec.mode, inserted=done.inserted,
+        updated=done.updated, try_number=done.try_number or task.try_number,
+        relation=_adapters.relation(found.database, found.schema, found.name, found.key,
+                                    found.oid),
+    )
+
+
+def _failed(
+    spec: load.Destination, exc: Exception, source: load.Endpoint,
+    endpoints: Mapping[str, load.Endpoint],
+) -> load.DestinationResult:
+    secrets = tuple(source.secrets) + tuple(
+        s for e in endpoints.values() for s in e.secrets
+    )
+    return load.DestinationResult(
+        spec.conn_id, spec.table, status="failed", mode=spec.mode,
+        error=_adapters.describe_error(exc, secrets), permanent=_adapters.is_permanent(exc),
+    )
