@@ -33,6 +33,7 @@ from airflow_copyman._outcome import (
 from airflow_copyman._task_state import STATE_KEY, TaskStateLedger
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
 from airflow_copyman.load import Ledger, TaskKey
+from airflow_copyman.operators import _parallel
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -138,6 +139,7 @@ class CopyManOperator(BaseOperator):
         min_rows: int | str = 0,
         max_bytes_per_second: float | str | None = None,
         verify: str = "count",
+        parallel: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -155,6 +157,7 @@ class CopyManOperator(BaseOperator):
         self.min_rows = min_rows
         self.max_bytes_per_second = max_bytes_per_second
         self.verify = verify
+        self.parallel = _parallel.checked(self.task_id, parallel, sql, ledger)
         self._hook: CopyManHook | None = None
         self._killed = False
         self._report: TransferReport | None = None
@@ -292,6 +295,8 @@ class CopyManOperator(BaseOperator):
                 raise AirflowException("the task was killed before the copy started")
             if not pending:
                 return TransferReport(0, 0, None, 0.0, [])
+            if self.parallel > 1:
+                return _parallel.load_parallel(self, ti, pending, options, state.lineage)
             return hook.transfer(
                 self.sql,
                 pending,

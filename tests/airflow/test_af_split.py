@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import threading
 from typing import Any
 
@@ -330,3 +331,45 @@ def test_two_runs_of_the_group_at_once_keep_their_staging_apart(
     assert [r.state for r in both] == ["success", "success"], [r.tis for r in both]
     assert sorted_rows(d1, "events") == sorted_rows(src, "events")
     assert staging_tables(d1) == []
+
+
+def test_parallel_ranges_in_one_task_equal_one_snapshot_under_concurrent_updates(
+    dbs: tuple[Database, Database, Database],
+) -> None:
+    src, d1, d2 = dbs
+    rows = 20000
+    src.execute("CREATE TABLE counters (id int PRIMARY KEY, n int);"
+                f" INSERT INTO counters SELECT g, 0 FROM generate_series(1, {rows}) g;"
+                " ANALYZE counters")
+    for db in (d1, d2):
+        db.execute("CREATE TABLE counters (id int, n int)")
+    stop, moved = threading.Event(), [0]
+
+    def move() -> None:
+        # Each transaction moves 1 from a row of the upper half to one of the lower half:
+        # read in one snapshot, the rows sum to 0; read in two, almost never.
+        with src.connect(autocommit=True) as conn:
+            while not stop.is_set():
+                low, high = random.randint(1, rows // 2), random.randint(rows // 2 + 1, rows)
+                with conn.transaction():
+                    conn.execute("UPDATE counters SET n = n + 1 WHERE id = %s", [low])
+                    conn.execute("UPDATE counters SET n = n - 1 WHERE id = %s", [high])
+                moved[0] += 1
+
+    worker = threading.Thread(target=move)
+    worker.start()
+    try:
+        run = run_dag(FILE, "copyman_parallel")
+    finally:
+        stop.set()
+        worker.join()
+    assert run.state == "success", run.tis
+    assert moved[0] > 0
+    for db in (d1, d2):
+        assert db.execute("SELECT count(*), sum(n), count(DISTINCT id) FROM counters") == [
+            (rows, 0, rows)
+        ]
+    assert sorted_rows(d1, "counters") == sorted_rows(d2, "counters")
+    assert d1.scalar("SELECT count(*) FROM copyman_ledger WHERE task_id = 'copy.range'") == 2
+    assert staging_tables(d1) == [] and staging_tables(d2) == []
+    assert run.xcom("copy")["rows"] == rows

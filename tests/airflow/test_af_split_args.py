@@ -78,3 +78,24 @@ def test_openlineage_facets_of_publish() -> None:
     (output,) = done.outputs
     assert output.name == "dwh.public.t"
     assert output.outputFacets["outputStatistics"].rowCount == 9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"parallel": 0}, "parallel must be 1..1024, got 0"),
+        ({"parallel": "2"}, "parallel must be an int, got str"),
+        ({"parallel": 2, "sql": "SELECT * FROM t"}, "sql must name a table, not a query"),
+        ({"parallel": 2, "ledger": False}, "parallel=2 needs ledger=True"),
+    ],
+)
+def test_copyman_operator_parallel_refused_at_parse(kwargs: dict[str, Any], message: str) -> None:
+    from airflow.sdk import DAG
+
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    options: dict[str, Any] = {"source_conn_id": "s", "sql": "public.t", "destinations": DESTS}
+    options.update(kwargs)
+    with DAG("parallel_args", schedule=None, start_date=datetime.datetime(2024, 1, 1)):
+        with pytest.raises(ValueError, match=message):
+            CopyManOperator(task_id="copy", **options)

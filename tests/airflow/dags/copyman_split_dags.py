@@ -95,3 +95,16 @@ with DAG("copyman_split_twice", schedule=None, start_date=START, max_active_runs
         "events", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
         destinations=[{"conn_id": "pg_sd1", "table": "events", "mode": "replace"}], retries=0,
     )
+
+
+with DAG("copyman_parallel", schedule=None, start_date=START) as parallel:
+    # Two ranges inside one task, reading one exported snapshot, while the test updates the
+    # source (each of its transactions moves 1 between two rows: a consistent read sums to 0).
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    CopyManOperator(
+        task_id="copy", source_conn_id="pg_ss", sql="counters", parallel=2, verify="checksum",
+        destinations=[{"conn_id": "pg_sd1", "table": "counters", "mode": "replace"},
+                      {"conn_id": "pg_sd2", "table": "counters", "mode": "merge", "key": ["id"]}],
+        retries=0,
+    )
