@@ -7,8 +7,9 @@ each into a destination table that is replaced:
 * ``single``   one ``load.run`` of the whole table (what ``CopyManOperator`` runs);
 * ``split-N``  what ``CopyManSplitGroup``'s tasks run, one after another in this process:
                plan (catalog, min/max), for each range a staging check and ``load.run`` of
-               the range into the staging table with its ledger row, then publish (checks,
-               TRUNCATE, INSERT ... SELECT from staging, ledger row, DROP).
+               the range into the (UNLOGGED) staging table with its ledger row, then publish
+               (checks, load lock, TRUNCATE, INSERT ... SELECT from staging, ledger row, DROP);
+* ``logged-N`` (``--logged-staging``) the same with a logged staging table.
 
 Nothing runs in parallel here: the split figures are the serial sum of its parts, so they
 show its overhead. Airflow's own cost per task instance (scheduling, a worker process,
@@ -50,7 +51,9 @@ def single(src: load.Endpoint, dst: load.Endpoint) -> dict[str, float]:
     return {"total": time.perf_counter() - start}
 
 
-def split_load(src: load.Endpoint, dst: load.Endpoint, parts: int) -> dict[str, float]:
+def split_load(
+    src: load.Endpoint, dst: load.Endpoint, parts: int, unlogged: bool = True
+) -> dict[str, float]:
     times: dict[str, float] = {}
     lineage = uuid.uuid4().hex
     ident = split.Identity("bench", "grp", "run", lineage, "dst", "dst")
@@ -64,7 +67,7 @@ def split_load(src: load.Endpoint, dst: load.Endpoint, parts: int) -> dict[str, 
     for rng in ranges:
         with dst.connect() as conn:
             target = split.target(conn, "dst", ident)
-            split.ensure_staging(conn, target, ident, 60)
+            split.ensure_staging(conn, target, ident, 60, unlogged=unlogged)
         key = load.TaskKey("bench", "grp.load", "run", rng.index, lineage, 1)
         report = load.run(
             src, split.range_query(source.schema, source.name, rng, None),
@@ -91,6 +94,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--parts", type=int, nargs="+", default=[4])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--logged-staging", action="store_true",
+                        help="also the split with a logged staging table (logged-N)")
     args = parser.parse_args(argv)
     with throwaway_servers(2) as (src_server, dst_server):
         for server in (src_server, dst_server):
@@ -106,6 +111,10 @@ def main(argv: list[str]) -> int:
         cases: dict[str, Any] = {"single": lambda: single(src, dst)}
         for parts in args.parts:
             cases[f"split-{parts}"] = lambda parts=parts: split_load(src, dst, parts)
+            if args.logged_staging:
+                cases[f"logged-{parts}"] = lambda parts=parts: split_load(
+                    src, dst, parts, unlogged=False
+                )
         results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
         for _ in range(args.repeat):
             for name, case in cases.items():  # round-robin

@@ -82,9 +82,6 @@ def check_arguments(
                               or spec.post_statements):
                 fail(f"stage: {spec.label}: stage=False loads each range straight into the "
                      "table: only for mode='append' without preoperator or postoperator")
-            if spec.mode == "merge" and spec.key_nulls != "refuse":
-                fail(f"destinations: {spec.label}: a split load's merge supports only "
-                     "key_nulls='refuse'")
 
 
 class CopyManSplitGroup(TaskGroup):

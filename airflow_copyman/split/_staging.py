@@ -122,11 +122,17 @@ def target(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Tar
 
 
 def ensure_staging(
-    conn: psycopg.Connection[Any], target: Target, identity: Identity, lock_timeout: float
+    conn: psycopg.Connection[Any], target: Target, identity: Identity, lock_timeout: float,
+    *, unlogged: bool = True,
 ) -> bool:
     """Create the staging table unless it exists: the destination's columns, types,
     NOT NULL and defaults (no indexes, constraints or triggers). Returns whether it created
-    it. Commits."""
+    it. Commits.
+
+    ``UNLOGGED`` (default): the staged rows are not written to the WAL (the publish's
+    writes into the table are). A destination server that crashes empties an unlogged
+    table: publish's count check then finds fewer rows than the ranges' ledger rows report
+    and changes nothing (a cleared DAG run loads the ranges again)."""
     exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [target.staging_text]).fetchone()
     conn.rollback()
     if exists and exists[0]:
@@ -134,8 +140,8 @@ def ensure_staging(
     try:
         _set_lock_timeout(conn, lock_timeout)
         conn.execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
-                target.staging_id, target.table_id
+            sql.SQL("CREATE {}TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+                sql.SQL("UNLOGGED " if unlogged else ""), target.staging_id, target.table_id
             )
         )
         conn.execute(
