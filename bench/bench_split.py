@@ -94,12 +94,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--parts", type=int, nargs="+", default=[4])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--wal-minimal", action="store_true",
+                        help="the destination server with wal_level=minimal (restarted)")
     parser.add_argument("--logged-staging", action="store_true",
                         help="also the split with a logged staging table (logged-N)")
     args = parser.parse_args(argv)
     with throwaway_servers(2) as (src_server, dst_server):
         for server in (src_server, dst_server):
             create_database(server.address, DB)
+        if args.wal_minimal:
+            # A table truncated in the writing transaction then skips the WAL (the single
+            # load's COPY FREEZE and the publish's INSERT ... SELECT alike).
+            with psycopg.connect(dst_server.address.conninfo(DB), autocommit=True) as conn:
+                conn.execute("ALTER SYSTEM SET wal_level = minimal")
+                conn.execute("ALTER SYSTEM SET max_wal_senders = 0")
+            dst_server.stop()
+            dst_server.start()
         with psycopg.connect(src_server.address.conninfo(DB), autocommit=True) as conn:
             conn.execute(f"CREATE TABLE src ({COLUMNS}, PRIMARY KEY (id))")  # type: ignore[arg-type]
             conn.execute(LOAD_SQL.format(table="src", rows=args.rows))  # type: ignore[arg-type]
@@ -120,7 +130,8 @@ def main(argv: list[str]) -> int:
             for name, case in cases.items():  # round-robin
                 results[name].append(case())
     base = statistics.median(r["total"] for r in results["single"])
-    print(f"{args.rows} rows, median of {args.repeat}")
+    wal = "minimal" if args.wal_minimal else "replica (the default)"
+    print(f"{args.rows} rows, median of {args.repeat}, destination wal_level {wal}")
     print(f"{'case':<10} {'total s':>8} {'x single':>9}  parts (plan / ranges / publish)")
     for name, runs in results.items():
         total = statistics.median(r["total"] for r in runs)

@@ -82,7 +82,9 @@ def publish(
             _drop_staging(conn, target)  # a cleared load may have made it again, empty
             return Published(entry.rows, entry.bytes, entry.inserted, entry.updated,
                              already=True, try_number=entry.try_number)
-        rows, nbytes = _check_staged(conn, spec, target, ranges)
+        # A replace or append counts the staged rows as it inserts them (one scan less).
+        counted_by_insert = spec.mode != "merge"
+        rows, nbytes = _check_staged(conn, spec, target, ranges, count=not counted_by_insert)
         if verify == "checksum":
             columns = list(spec.columns) if spec.columns else source_columns
             _check_checksum(conn, spec, target, ranges, columns, render_settings, timeout)
@@ -91,6 +93,9 @@ def publish(
         for statement in spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]
         inserted, updated = _apply(conn, spec, target, source_columns, lock_timeout)
+        if counted_by_insert:
+            _check_inserted(spec, target, inserted, rows)
+            inserted = None  # reported for a merge only
         for statement in spec.post_statements:
             conn.execute(statement)  # type: ignore[call-overload]
         recorded = ledger.record(
@@ -117,9 +122,11 @@ def _drop_staging(conn: psycopg.Connection[Any], target: Target) -> None:
 
 
 def _check_staged(
-    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger
+    conn: psycopg.Connection[Any], spec: load.Destination, target: Target, ranges: RangeLedger,
+    *, count: bool = True,
 ) -> tuple[int, int]:
-    """The staged row count and bytes, after checking them against the ranges' ledger."""
+    """The rows and bytes the ranges' ledger rows report, after checking that every range
+    has one and (``count``) that the staging table holds exactly those rows."""
     exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [target.staging_text]).fetchone()
     if not exists or not exists[0]:
         raise PublishError(
@@ -137,6 +144,8 @@ def _check_staged(
             f"{target.staging_key}: the destination was left unchanged"
         )
     reported = sum(r for _, r, _ in loaded)
+    if not count:
+        return reported, sum(b for _, _, b in loaded)
     row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(target.staging_id)).fetchone()
     staged = int(row[0]) if row else 0
     if staged != reported:
@@ -205,10 +214,22 @@ def _apply(
         else:
             _truncate(conn, target, spec.cascade, lock_timeout)
     names = load.mode_sql.names(columns)
-    conn.execute(sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
-        target.table_id, names, names, target.staging_id
-    ))
-    return None, None
+    written = conn.execute(
+        sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}").format(
+            target.table_id, names, names, target.staging_id
+        )
+    ).rowcount
+    return written, None
+
+
+def _check_inserted(spec: load.Destination, target: Target, written: int | None,
+                    reported: int) -> None:
+    """The rows a replace or append inserted from the staging table are the ranges'."""
+    if written != reported:
+        raise PublishError(
+            f"{spec.label}: staging table {target.staging_key} holds {written} rows, the "
+            f"ranges reported {reported}: the destination was left unchanged"
+        )
 
 
 #: TRUNCATE's ACCESS EXCLUSIVE lock is asked for in tries this long: while one try waits
