@@ -55,9 +55,10 @@ lint: $(STAMP)
 # estimate), the modes, verify, names, locks and exact-data tests (README "Tests").
 PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_checksum.py \
 	tests/test_readback.py tests/test_ledger.py tests/test_load_without_airflow.py \
-	tests/airflow/test_af_exact.py tests/airflow/test_af_modes.py tests/airflow/test_af_verify.py \
-	tests/airflow/test_af_names.py tests/airflow/test_af_trust.py \
-	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_units.py \
+	tests/airflow/test_af_types_and_encodings.py tests/airflow/test_af_modes.py \
+	tests/airflow/test_af_verify.py tests/airflow/test_af_names.py \
+	tests/airflow/test_af_waits_and_failures.py tests/test_load_progress.py \
+	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_offline_checks.py \
 	tests/airflow/test_af_progress.py tests/test_load_merge.py tests/test_load_names.py \
 	tests/test_load_replace_scope.py tests/test_load_identity.py
 

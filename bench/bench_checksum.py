@@ -67,7 +67,7 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
     quiet.setLevel(logging.WARNING)
     streams = verify.streams
     if mode == "checksum-by-text":
-        verify.streams = lambda state, target: False  # type: ignore[assignment]
+        verify.streams = lambda state, target, plan: False  # type: ignore[assignment]
     try:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()

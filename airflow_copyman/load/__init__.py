@@ -62,6 +62,7 @@ from airflow_copyman.load.spec import (
     LoadError,
     LoadMode,
     Merge,
+    Progress,
     Replace,
     Status,
     TooFewRowsError,
@@ -97,6 +98,7 @@ __all__ = [
     "NullKeyError",
     "Params",
     "PlanError",
+    "Progress",
     "Relation",
     "Replace",
     "Source",
@@ -137,6 +139,7 @@ def run(
     verify: str = "count",
     log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     options: LoadOptions | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> TransferReport:
     """Copy the rows of ``sql`` (a query or a table name) from ``source`` into every
     destination (each finds its endpoint in ``endpoints`` by its ``conn_id``), in one pass.
@@ -148,6 +151,8 @@ def run(
     lock wait in a destination (the table's load lock, TRUNCATE, DELETE, CREATE, the
     merge's statements; at most ``receiver_timeout``): a wait that times out fails that
     destination transient, naming the table, the lock and the sessions in the way.
+    ``on_progress`` is called with a :class:`Progress` from the loading thread, at most
+    every ``progress_interval`` seconds while the copy runs, and once at the end.
     ``options``: all of these at once, as one :class:`LoadOptions` (the keyword options
     are then not used).
 
@@ -159,4 +164,5 @@ def run(
         ledger=ledger, on_commit=on_commit, progress_interval=progress_interval,
         receiver_timeout=receiver_timeout, lock_timeout=lock_timeout, min_rows=min_rows,
         max_bytes_per_second=max_bytes_per_second, verify=verify, log=log, options=options,
+        on_progress=on_progress,
     ).run()

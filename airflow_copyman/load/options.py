@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load.catalog.tables import Format, Params, PlanError, normalize_format
+
+if TYPE_CHECKING:
+    from airflow_copyman.load.spec import Progress
 
 #: Seconds a load waits for any one lock, unless told otherwise.
 LOCK_TIMEOUT = 60.0
@@ -196,10 +199,17 @@ class LoadOptions:
     progress_interval: float = PROGRESS_INTERVAL
     min_rows: int = 0
     max_bytes_per_second: float | None = None
+    #: Called with a :class:`~airflow_copyman.load.Progress` from the loading thread, at
+    #: most every ``progress_interval`` seconds while the copy runs, and once at the end.
+    on_progress: Callable[[Progress], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name)))
+        if self.on_progress is not None and not callable(self.on_progress):
+            raise ArgumentError(
+                f"on_progress must be a function (or None), got {kind(self.on_progress)}"
+            )
 
     @classmethod
     def check_known(cls, templated: Collection[str] = (), **values: Any) -> None:
@@ -222,5 +232,3 @@ class LoadOptions:
             )
         return cls(**values)
 
-
-OPTION_NAMES = tuple(f.name for f in fields(LoadOptions))

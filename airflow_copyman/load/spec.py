@@ -365,6 +365,24 @@ def _choice(value: Any, name: str, choices: tuple[str, ...], later: Callable[[An
     return value.strip().lower()
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a load is, for a progress display (``on_progress``): called from the loading
+    thread at most every ``progress_interval`` seconds while the copy runs, and once at the
+    end. ``rows`` and ``bytes``: read from the source so far (at the end: the report's);
+    ``seconds`` since the load started; ``estimated_rows``: the source's size estimated
+    before the copy (None: unknown), as is ``estimated_bytes``; ``destinations``: each
+    destination's label and status (``copying`` while its COPY runs, then ``loaded``,
+    ``already_loaded``, ``failed``, or ``pending`` before it starts)."""
+
+    rows: int
+    bytes: int
+    seconds: float
+    estimated_rows: int | None
+    estimated_bytes: int | None
+    destinations: tuple[tuple[str, str], ...]
+
+
 @dataclass
 class DestinationResult:
     """What happened to one destination."""

@@ -19,22 +19,23 @@ import psycopg
 
 from airflow_copyman import copyman
 from airflow_copyman.load import options as checks
-from airflow_copyman.load.catalog import estimates, tables
+from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded
 from airflow_copyman.load.connection.endpoint import Endpoint
 from airflow_copyman.load.ledger.table import Entry, Ledger
 from airflow_copyman.load.options import LOCK_TIMEOUT, PROGRESS_INTERVAL, LoadOptions
 from airflow_copyman.load.phases.commit import Committing
 from airflow_copyman.load.phases.connect import Connecting
-from airflow_copyman.load.phases.copy import Copying
+from airflow_copyman.load.phases.copy import NO_COPY, Copying, CopyOutcome
 from airflow_copyman.load.phases.ledger import LedgerSteps
-from airflow_copyman.load.phases.plan import Planning
+from airflow_copyman.load.phases.plan import Plan, Planning
 from airflow_copyman.load.phases.report import Reporting
 from airflow_copyman.load.phases.state import Target
 from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
     DestinationResult,
+    Progress,
     TransferReport,
 )
 
@@ -65,9 +66,11 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         verify: str = "count",
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         options: LoadOptions | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
-        """The keyword options (``parameters`` to ``verify``) build a :class:`LoadOptions`;
-        or give one as ``options`` (the keyword options are then not used)."""
+        """The keyword options (``parameters`` to ``verify``, ``on_progress``) build a
+        :class:`LoadOptions`; or give one as ``options`` (the keyword options are then not
+        used)."""
         self.origin = source
         self.log = log or logging.getLogger("airflow_copyman.load")
         self.sql = sql
@@ -80,7 +83,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
                     format=format, parameters=parameters, verify=verify,
                     receiver_timeout=receiver_timeout, lock_timeout=lock_timeout,
                     progress_interval=progress_interval, min_rows=min_rows,
-                    max_bytes_per_second=max_bytes_per_second,
+                    max_bytes_per_second=max_bytes_per_second, on_progress=on_progress,
                 )
             if isinstance(destinations, str | bytes) or not isinstance(destinations, Sequence):
                 raise checks.ArgumentError(
@@ -104,21 +107,14 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.on_commit = on_commit
         self.loaded_before = loaded_before
         self.progress_interval = options.progress_interval
+        self.on_progress = options.on_progress
         self.receiver_timeout = options.receiver_timeout
         self.targets: list[Target] = []
         self.src: psycopg.Connection[Any] | None = None
-        self.format: tables.Format | None = None
-        self.source_columns: list[tables.Column] = []
-        #: The source's SELECT (parameters bound), for the checksum of what it sent.
-        self.select: psycopg.sql.Composable | None = None
-        self.producer: copyman.StatementProducer | None = None
         self.rendering: dict[str, str] | None = None
         self.manager: copyman.CopyManager | None = None
         self.cancelled = False
         self.interrupt: BaseException | None = None
-        self.source_rows: int | None = None
-        self.source_bytes = 0
-        self.estimate: estimates.SizeEstimate | None = None
         self.secrets: list[str] = []
         self.endpoints: dict[str, tuple[str, str]] = {}
         try:
@@ -129,10 +125,12 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
     # The phases.
 
     def run(self) -> TransferReport:
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         if not self.specs:
             raise ConfigError("no destinations: give at least one")
         self._resolve()
+        plan: Plan | None = None
+        outcome = NO_COPY
         try:
             self._connect()
             self._locate()
@@ -141,11 +139,11 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
             elif self.loaded_before is not None and self._go_on():
                 self._check_loaded_before()
             if self._go_on():
-                self._plan()
-            if self.ledger is not None and self._go_on():
-                self._prepare_ledger()
-            if self._go_on():
-                self._load()
+                plan = self._plan()
+            if plan is not None and self.ledger is not None and self._go_on():
+                self._prepare_ledger(plan)
+            if plan is not None and self._go_on():
+                outcome = self._load(plan)
         except copyman.Cancelled as exc:
             # A statement was cancelled because the transfer was asked to stop.
             for target in self._pending():
@@ -157,29 +155,35 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
                 self._fail(target, copyman.Cancelled("the transfer was stopped"), "stopped")
         if self.interrupt is not None:
             raise self.interrupt
-        report = self._report(time.monotonic() - started)
+        report = self._report(
+            time.monotonic() - started, plan.format if plan is not None else None, outcome
+        )
         self._log_summary(report)
+        self._tell_progress(Progress(
+            report.rows, report.bytes, report.seconds,
+            plan.estimate.rows if plan is not None and plan.estimate is not None else None,
+            None, tuple((r.label, r.status) for r in report.destinations),
+        ))
         return report
 
-    def _load(self) -> None:
+    def _load(self, plan: Plan) -> CopyOutcome:
         """Open each destination's transaction, run the copy, commit what completed."""
-        assert self.src is not None and self.format is not None
         while True:
             # Every claim first, then the TRUNCATEs: waiting for another try's claim must
             # not hold a TRUNCATE lock on a table taken before it.
-            claimed = self._in_lock_order([t for t in self._pending() if self._claim(t)])
-            loading = [t for t in claimed if self._begin(t)]
+            claimed = self._in_lock_order([t for t in self._pending() if self._claim(t)], plan)
+            loading = [t for t in claimed if self._begin(t, plan)]
             if not loading or self.cancelled:
                 for target in loading:
                     self._fail(target, copyman.Cancelled("the task was killed"), "starting")
-                return
-            outcome = self._copy(loading)
-            if outcome == "restart":
-                # A destination's COPY could not start, so the engine aborted the others:
-                # their transactions are void; load them again without the culprit.
-                continue
-            break
-        self._commit([t for t in loading if t.pending])
+                return NO_COPY
+            outcome = self._copy(plan, loading)
+            if not outcome.restart:
+                break
+            # A destination's COPY could not start, so the engine aborted the others: their
+            # transactions are void; load them again without the culprit.
+        self._commit([t for t in loading if t.pending], plan, outcome)
+        return outcome
 
     # Stop (from on_kill: a signal handler). It only asks: the thread running the transfer
     # sends the servers' cancels itself (connection.bounded, the engine's loop), then reads each

@@ -271,7 +271,7 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tries of one task instance share its task_state_store: a load announced by a try
     that succeeded is not announced again (a clear with resume_on_clear), a new load is."""
     from airflow.sdk.execution_time.context import OutletEventAccessors
-    from test_af_units import DictStore
+    from test_af_offline_checks import DictStore
 
     from airflow_copyman._assets import emit
     from airflow_copyman._destinations import Destination, DestinationResult, TransferReport

@@ -11,7 +11,9 @@ import psycopg
 from airflow_copyman import copyman
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.ledger.table import Extras
+from airflow_copyman.load.phases.copy import CopyOutcome
 from airflow_copyman.load.phases.locks import TableLocking
+from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import Target
 from airflow_copyman.load.phases.verify import Verifying
 from airflow_copyman.load.spec import (
@@ -23,24 +25,45 @@ from airflow_copyman.load.spec import (
 class Committing(Verifying, TableLocking):
     """min_rows, the checksums, the finish, the ledger rows, the commits."""
 
-    def _commit(self, loading: list[Target]) -> None:
+    def _commit(self, loading: list[Target], plan: Plan, copied: CopyOutcome) -> None:
         """Record each complete destination in its ledger, then COMMIT them all at once:
         the COMMITs go out together and their replies are waited for together, so one
         destination slow to answer never holds the others (nor their locks)."""
-        producer = self.producer
-        assert producer is not None
-        ready: list[Target] = []
-        found = producer.server_rows
-        if found is not None and found < self.min_rows:
-            # Before any destination commits: late data may still arrive (transient).
-            short = TooFewRowsError(
-                f"the source yielded {found} row(s), fewer than min_rows={self.min_rows}: "
-                "nothing was committed"
-            )
-            for target in loading:
-                self._fail(target, short, "checking min_rows")
+        if not self._enough_rows(loading, copied):
+            return
+        complete = self._complete(loading, copied)
+        # The mode's end first (the merge applies, taking its table's load lock: in key
+        # order, so two loads of the same tables never wait on each other in a circle);
+        # verify="checksum" then reads what it wrote.
+        in_order = sorted(complete, key=lambda t: t.lock_key or 0)
+        finished = [t for t in in_order if self._finish(t, plan)]
+        # verify="checksum": before the postoperator runs, before the ledger row.
+        verified = self._verify(finished, plan, copied)
+        ready = [t for t in verified if self._postoperate(t) and self._record(t)]
+        if self.cancelled:
+            for target in ready:
+                self._fail(target, copyman.Cancelled("the task was killed"), "committing")
                 self._rollback(target)
             return
+        self._commit_all(ready)
+
+    def _enough_rows(self, loading: list[Target], copied: CopyOutcome) -> bool:
+        """``min_rows``: checked before any destination commits (late data may still
+        arrive: transient). False (all rolled back) where the source yielded fewer."""
+        found = copied.server_rows
+        if found is None or found >= self.min_rows:
+            return True
+        short = TooFewRowsError(
+            f"the source yielded {found} row(s), fewer than min_rows={self.min_rows}: "
+            "nothing was committed"
+        )
+        for target in loading:
+            self._fail(target, short, "checking min_rows")
+            self._rollback(target)
+        return False
+
+    def _complete(self, loading: list[Target], copied: CopyOutcome) -> list[Target]:
+        """The destinations whose COPY count is the source's (the others fail)."""
         complete: list[Target] = []
         for target in loading:
             receiver = target.receiver
@@ -50,85 +73,72 @@ class Committing(Verifying, TableLocking):
                 self._rollback(target)
                 continue
             rows = receiver.server_rows
-            if rows is None or rows != producer.server_rows:
+            if rows is None or rows != copied.server_rows:
                 # The engine checked this already; checking again costs nothing, and a
                 # destination is committed only on the servers' own word.
-                self._fail(target, _count_error(target, rows, producer.server_rows), "checking")
+                self._fail(target, _count_error(target, rows, copied.server_rows), "checking")
                 self._rollback(target)
                 continue
             complete.append(target)
-        # The mode's end first (the merge applies, taking its table's load lock: in key
-        # order, so two loads of the same tables never wait on each other in a circle);
-        # verify="checksum" then reads what it wrote.
-        finished = [t for t in sorted(complete, key=lambda t: t.lock_key or 0) if self._finish(t)]
-        # verify="checksum": before the postoperator runs, before the ledger row.
-        for target in self._verify(finished):
-            conn, receiver = target.conn, target.receiver
-            assert conn is not None and receiver is not None and target.table is not None
-            rows, nbytes = receiver.server_rows, receiver.bytes
-            assert rows is not None
-            if not self._postoperate(target):
-                continue
-            try:
-                if self.ledger is not None and target.ledger_schema is not None:
-                    schema, label = target.ledger_schema, target.table_key
-                    # Known by now: the checksum (_verify), the merge's counts (_finish).
-                    mode = target.mode
-                    extras = Extras(
-                        mode.inserted if mode is not None else None,
-                        mode.updated if mode is not None else None,
-                        target.result.checksum,
-                    )
-                    # Positional: a Ledger subclass may pass them on as *args.
-                    if not self.ledger.record(
-                        conn, schema, target.spec.conn_id, label, rows, nbytes, extras,
-                        target.ledger_extras,
-                    ):
-                        conn.rollback()
-                        entry = self.ledger.lookup(
-                            conn, schema, target.spec.conn_id, label, str(target.table)
-                        )
-                        self.log.warning(
-                            "%s: another try of this task loaded it meanwhile; rolled back "
-                            "this copy",
-                            target.label,
-                        )
-                        if entry is not None:
-                            self._already_loaded(target, entry)
-                            continue
-                        raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
-            except copyman.Cancelled as exc:
-                self._fail(target, exc, "committing")
-                self._rollback(target)
-                continue
-            except psycopg.Error as exc:
-                self._fail(target, exc, "committing")
-                self._rollback(target)
-                continue
-            ready.append(target)
-        if self.cancelled:
-            for target in ready:
-                self._fail(target, copyman.Cancelled("the task was killed"), "committing")
-                self._rollback(target)
-            return
+        return complete
+
+    def _record(self, target: Target) -> bool:
+        """The ledger row, in the load transaction: False (rolled back) if it fails, or if
+        another try of this task loaded the destination meanwhile."""
+        conn, receiver = target.conn, target.receiver
+        assert conn is not None and receiver is not None and receiver.server_rows is not None
+        if self.ledger is None or target.ledger_schema is None:
+            return True
+        schema, label = target.ledger_schema, target.table_key
+        # Known by now: the checksum (_verify), the merge's counts (_finish).
+        mode = target.mode
+        extras = Extras(
+            mode.inserted if mode is not None else None,
+            mode.updated if mode is not None else None,
+            target.result.checksum,
+        )
+        try:
+            # Positional: a Ledger subclass may pass them on as *args.
+            if self.ledger.record(
+                conn, schema, target.spec.conn_id, label, receiver.server_rows, receiver.bytes,
+                extras, target.ledger_extras,
+            ):
+                return True
+            conn.rollback()
+            entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label, str(target.table))
+            self.log.warning(
+                "%s: another try of this task loaded it meanwhile; rolled back this copy",
+                target.label,
+            )
+            if entry is not None:
+                self._already_loaded(target, entry)
+                return False
+            raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
+        except (copyman.Cancelled, psycopg.Error) as exc:
+            self._fail(target, exc, "committing")
+            self._rollback(target)
+            return False
+
+    def _commit_all(self, ready: list[Target]) -> None:
+        """The COMMITs, sent together and waited for together."""
         conns = [t.conn for t in ready]
         outcomes = bounded.commit_all(
             conns, self.receiver_timeout, self.bounds.stop  # type: ignore[arg-type]
         )
         for target, error in zip(ready, outcomes, strict=True):
-            if error is not None:
-                self._fail(target, error, "committing")
-                if isinstance(error, psycopg.OperationalError):
-                    target.result.error = (target.result.error or "") + (
-                        " (the commit's outcome is unknown; the next try reads the ledger)"
-                        if self.ledger is not None
-                        else " (the commit's outcome is unknown)"
-                    )
-                self._rollback(target)
+            if error is None:
+                self._committed(target)
                 continue
-            self._committed(target)
+            self._fail(target, error, "committing")
+            if isinstance(error, psycopg.OperationalError):
+                target.result.error = (target.result.error or "") + (
+                    " (the commit's outcome is unknown; the next try reads the ledger)"
+                    if self.ledger is not None
+                    else " (the commit's outcome is unknown)"
+                )
+            self._rollback(target)
 
-    def _finish(self, target: Target) -> bool:
+    def _finish(self, target: Target, plan: Plan) -> bool:
         """After the COPY, in the load transaction: the mode's end (the merge). False
         (rolled back) if it fails."""
         conn, mode, receiver = target.conn, target.mode, target.receiver
@@ -138,7 +148,7 @@ class Committing(Verifying, TableLocking):
         try:
             if mode.lock_before_finish and not target.locked:
                 doing = "taking the table's load lock"
-                self._lock_table(target)
+                self._lock_table(target, plan.of(target).create)
                 doing = f"applying the {mode.name}"
             mode.finish(conn, receiver.server_rows)
         except psycopg.Error as exc:

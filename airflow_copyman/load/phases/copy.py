@@ -6,44 +6,77 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import psycopg
 
 from airflow_copyman import copyman
+from airflow_copyman.copyman import Digest
 from airflow_copyman.load.catalog import estimates
 from airflow_copyman.load.connection import classify, locks
 from airflow_copyman.load.modes import create
 from airflow_copyman.load.phases import verify
 from airflow_copyman.load.phases.locks import TableLocking
+from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import Target, size
-from airflow_copyman.load.spec import ConfigError
+from airflow_copyman.load.spec import ConfigError, Progress
+
+
+@dataclass(frozen=True)
+class CopyOutcome:
+    """What the one copy did: ``restart`` where a destination's COPY could not start (the
+    engine aborted the others: their transactions are void, load them again without it);
+    else the source's COPY count (None: no copy ran), whether its COPY completed, the bytes
+    it sent, and (``verify="checksum"``) the digest of the rows it sent."""
+
+    restart: bool = False
+    server_rows: int | None = None
+    completed: bool = False
+    bytes: int = 0
+    digest: Digest | None = None
+
+    @property
+    def source_rows(self) -> int | None:
+        """The source's row count, where its COPY completed."""
+        return self.server_rows if self.completed else None
+
+    @classmethod
+    def of(cls, producer: copyman.StatementProducer) -> CopyOutcome:
+        return cls(False, producer.server_rows, producer.done, producer.bytes, producer.digest())
+
+
+#: A copy that did not run (set up failed, or stopped first).
+NO_COPY = CopyOutcome()
+#: A copy to run again without the destinations whose COPY could not start.
+RESTART = CopyOutcome(restart=True)
 
 
 class Copying(TableLocking):
     """The load transactions up to the end of the COPY."""
 
-    def _begin(self, target: Target) -> bool:
+    def _begin(self, target: Target, plan: Plan) -> bool:
         """The load transaction, up to the COPY: create the table, the mode's start
         (TRUNCATE, DELETE, the merge's staging table), the preoperator."""
         conn = target.conn
         assert conn is not None and target.table is not None
         mode = target.mode
         assert mode is not None
+        planned = plan.of(target)
         doing = "taking the table's load lock"
         try:
             # Before anything is written (a merge: before its apply, in _finish; one that
             # creates its table: now, before the CREATE).
-            if not mode.lock_before_finish or target.create:
-                self._lock_table(target)
+            if not mode.lock_before_finish or planned.create:
+                self._lock_table(target, planned.create)
             doing = "creating the table"
-            if target.create:
+            if planned.create:
                 conn.execute(create.statement(
-                    target.table, target.planned, mode.key or None,
+                    target.table, planned.columns, mode.key or None,
                     nulls_match=target.spec.key_nulls == "match",
                 ))
-            if self.verify == "checksum" and not verify.streams(self, target):
+            if self.verify == "checksum" and not verify.streams(self, target, plan):
                 doing = "describing the columns for the checksum"
-                verify.take_renderings(target)
+                verify.take_renderings(target, planned)
             doing = f"starting mode={mode.name!r}"
             if mode.lock_mode == "ACCESS EXCLUSIVE" and not mode.created:
                 doing = "locking the table for TRUNCATE"
@@ -55,7 +88,7 @@ class Copying(TableLocking):
                 conn.execute(statement)  # type: ignore[call-overload]
             if self.verify == "checksum" and target.spec.statements:
                 doing = "taking the checksum of the rows before the COPY"
-                verify.take_baseline(self, target)
+                verify.take_baseline(self, target, plan)
         except (locks.LockWaitTimeout, locks.CreatedMeanwhile) as exc:
             self._fail(target, exc, doing)
             self._rollback(target)
@@ -79,31 +112,57 @@ class Copying(TableLocking):
             )
         return self._lock_failed(target, exc)
 
-    def _copy(self, loading: list[Target]) -> str:
-        assert self.src is not None and self.format is not None
+    def _copy(self, plan: Plan, loading: list[Target]) -> CopyOutcome:
+        """The one copy, from the source into every destination of ``loading``."""
+        set_up = self._set_up(plan, loading)
+        if set_up is None:
+            return NO_COPY
+        manager, producer, receivers = set_up
+        self.log.info(
+            "Copying %s from %s into %d destination(s) in %s format: %s",
+            self.source.table or "the query's rows",
+            self.origin.describe(),
+            len(loading),
+            plan.format,
+            ", ".join(t.label for t in loading),
+        )
+        if not self._run_copy(manager, producer, receivers, plan):
+            return RESTART
+        completed = manager.completed
+        for fitting, target in receivers.items():
+            if target.pending and fitting not in completed:
+                self._fail(
+                    target,
+                    copyman.CopyFail(manager, "the copy did not complete"),
+                    "copying",
+                )
+        return CopyOutcome.of(producer)
+
+    def _set_up(
+        self, plan: Plan, loading: list[Target]
+    ) -> (
+        tuple[copyman.CopyManager, copyman.StatementProducer, dict[copyman.Receiver, Target]]
+        | None
+    ):
+        """The copy's producer, receivers and manager; None if it cannot be set up (every
+        destination of ``loading`` failed)."""
+        assert self.src is not None
         try:
             producer = copyman.StatementProducer(
                 self.src,
-                self.source.copy_out(self.format, self.source_columns),
+                self.source.copy_out(plan.format, list(plan.source_columns)),
                 self.parameters,
                 # verify="checksum": the rows are digested as they pass (phases.verify).
                 digest=self.verify == "checksum",
             )
             receivers: dict[copyman.Receiver, Target] = {}
             for target in loading:
-                assert target.conn is not None and target.table is not None
-                assert target.mode is not None
-                receiver: copyman.StatementReceiver = copyman.StatementReceiver(
-                    target.conn, target.mode.copy_in(self.format)
+                assert target.conn is not None and target.mode is not None
+                receiver = copyman.StatementReceiver(
+                    target.conn, target.mode.copy_in(plan.format)
                 )
                 target.receiver = receiver
                 receivers[receiver] = target
-        except (copyman.CopyUsageError, psycopg.Error) as exc:
-            for target in loading:
-                self._fail(target, exc, "setting up the copy")
-            return "done"
-        self.producer = producer
-        try:
             # The engine checks the sessions here (the pinned settings make them agree).
             manager = copyman.CopyManager(
                 producer,
@@ -114,59 +173,54 @@ class Copying(TableLocking):
         except (copyman.CopyUsageError, psycopg.Error, TimeoutError) as exc:
             for target in loading:
                 self._fail(target, exc, "setting up the copy")
-            return "done"
-        self.log.info(
-            "Copying %s from %s into %d destination(s) in %s format: %s",
-            self.source.table or "the query's rows",
-            self.origin.describe(),
-            len(loading),
-            self.format,
-            ", ".join(t.label for t in loading),
-        )
+            return None
+        return manager, producer, receivers
+
+    def _run_copy(
+        self,
+        manager: copyman.CopyManager,
+        producer: copyman.StatementProducer,
+        receivers: dict[copyman.Receiver, Target],
+        plan: Plan,
+    ) -> bool:
+        """Run the copy to its end, failing what fails; False where a destination's COPY
+        could not start (the copy is to run again without it)."""
         started = time.monotonic()
         # Known to cancel() before the COPYs start: a stop while one waits to start (for a
         # lock) is then seen by the engine's own loop, which cancels from this thread.
         self.manager = manager
         if self.cancelled:
             manager.cancel()
+        progress = _Progress(producer, receivers, started, plan.estimate)
         try:
             with contextlib.ExitStack() as stack:
                 try:
                     stack.enter_context(manager)
                 except copyman.CopyFail as exc:
-                    return self._start_failed(exc, receivers)
-                self._pump(manager, receivers, started)
+                    return not self._start_failed(exc, receivers)
+                self._pump(manager, receivers, progress)
         except copyman.CopyFail as exc:
             self._copy_failed(exc, receivers)
         finally:
             self.manager = None
-        self.source_rows = producer.server_rows if producer.done else None
-        self.source_bytes = producer.bytes
-        completed = manager.completed
-        for fitting, target in receivers.items():
-            if target.pending and fitting not in completed:
-                self._fail(
-                    target,
-                    copyman.CopyFail(manager, "the copy did not complete"),
-                    "copying",
-                )
-        self._log_progress(receivers, started, final=True)
-        return "done"
+        self._log_progress(progress, final=True)
+        return True
 
     def _pump(
         self,
         manager: copyman.CopyManager,
         receivers: Mapping[copyman.Receiver, Target],
-        started: float,
+        progress: _Progress,
     ) -> None:
-        next_log = started + self.progress_interval
+        next_log = progress.started + self.progress_interval
         while True:
             try:
                 for _ in manager:
                     now = time.monotonic()
                     if now >= next_log:
                         next_log = now + self.progress_interval
-                        self._log_progress(receivers, started)
+                        self._log_progress(progress)
+                        self._tell_progress(self._progress_now(progress, now))
                 return
             except copyman.ReceiverFault as fault:
                 for receiver, exc in fault.faults.items():
@@ -178,7 +232,9 @@ class Copying(TableLocking):
 
     def _start_failed(
         self, exc: copyman.CopyFail, receivers: Mapping[copyman.Receiver, Target]
-    ) -> str:
+    ) -> bool:
+        """A COPY could not start: fail who caused it; True if the copy is to run again
+        without the destinations whose COPY could not start."""
         if exc.producer_fault is not None:
             if classify.is_permanent(exc.producer_fault):
                 raise ConfigError(
@@ -189,7 +245,7 @@ class Copying(TableLocking):
                 ) from exc.producer_fault
             for target in receivers.values():
                 self._fail(target, exc.producer_fault, "starting the source's COPY")
-            return "done"
+            return False
         culprits = [r for r in exc.receiver_faults if r in receivers]
         for receiver in culprits:
             self._fail(receivers[receiver], exc.receiver_faults[receiver], "starting the COPY")
@@ -197,7 +253,7 @@ class Copying(TableLocking):
             if not culprits:
                 self._fail(target, exc, "starting the copy")
             self._rollback(target)
-        return "restart" if culprits else "done"
+        return bool(culprits)
 
     def _copy_failed(
         self, exc: copyman.CopyFail, receivers: Mapping[copyman.Receiver, Target]
@@ -235,27 +291,35 @@ class Copying(TableLocking):
         for target in receivers.values():
             self._rollback(target)
 
-    def _log_progress(
-        self,
-        receivers: Mapping[copyman.Receiver, Target],
-        started: float,
-        *,
-        final: bool = False,
-    ) -> None:
-        elapsed = max(time.monotonic() - started, 1e-6)
-        producer = self.producer
-        if producer is not None:
-            self.log.info(
-                "%s source %s: %d rows, %s, %s/s%s%s",
-                "Done:" if final else "Progress:",
-                self.origin.name,
-                producer.rows,
-                size(producer.bytes),
-                size(producer.bytes / elapsed),
-                _cap_note(self.max_bytes_per_second),
-                "" if final else estimates.progress_note(self.estimate, producer.rows, elapsed),
-            )
-        for receiver, target in receivers.items():
+    def _progress_now(self, progress: _Progress, now: float) -> Progress:
+        copying = {id(t) for t in progress.receivers.values()}
+        estimate = progress.estimate
+        return Progress(
+            progress.producer.rows,
+            progress.producer.bytes,
+            now - self.started,
+            estimate.rows if estimate is not None else None,
+            None,
+            tuple(
+                (t.label, "copying" if t.pending and id(t) in copying else t.result.status)
+                for t in self.targets
+            ),
+        )
+
+    def _log_progress(self, progress: _Progress, *, final: bool = False) -> None:
+        elapsed = max(time.monotonic() - progress.started, 1e-6)
+        producer = progress.producer
+        self.log.info(
+            "%s source %s: %d rows, %s, %s/s%s%s",
+            "Done:" if final else "Progress:",
+            self.origin.name,
+            producer.rows,
+            size(producer.bytes),
+            size(producer.bytes / elapsed),
+            _cap_note(self.max_bytes_per_second),
+            "" if final else estimates.progress_note(progress.estimate, producer.rows, elapsed),
+        )
+        for receiver, target in progress.receivers.items():
             state = "copying"
             if final:
                 state = "copied" if receiver.completed else target.result.status
@@ -267,6 +331,16 @@ class Copying(TableLocking):
                 size(receiver.bytes / elapsed),
                 state,
             )
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """What the progress lines of one copy read."""
+
+    producer: copyman.StatementProducer
+    receivers: Mapping[copyman.Receiver, Target]
+    started: float
+    estimate: estimates.SizeEstimate | None
 
 
 def _cap_note(cap: float | None) -> str:

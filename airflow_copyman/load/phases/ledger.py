@@ -8,6 +8,7 @@ import psycopg
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.modes import create
+from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import State, Target
 from airflow_copyman.load.spec import ConfigError
 
@@ -59,7 +60,7 @@ class LedgerSteps(State):
             if entry is not None:
                 self._already_loaded(target, entry)
 
-    def _prepare_ledger(self) -> None:
+    def _prepare_ledger(self, plan: Plan) -> None:
         assert self.ledger is not None
         errors = []
         for target in self._pending():
@@ -68,7 +69,7 @@ class LedgerSteps(State):
             try:
                 if schema is None:
                     schema = self.ledger.schema_for(target.conn, target.table)
-                    if schema is None and target.create:
+                    if schema is None and plan.of(target).create:
                         schema = create.schema_for(target.conn, target.table)
                     target.ledger_schema = schema
                 if schema is None:  # pragma: no cover - planning found the table

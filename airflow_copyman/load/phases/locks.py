@@ -14,6 +14,7 @@ from psycopg import sql
 from airflow_copyman import copyman
 from airflow_copyman.load.connection import bounded, classify, locks
 from airflow_copyman.load.modes import create
+from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import State, Target
 
 #: The savepoint each try for TRUNCATE's lock rolls back to.
@@ -34,7 +35,7 @@ class TableLocking(State):
         # ends the wait first, and says it was a lock.
         return min(self.lock_timeout, self.receiver_timeout)
 
-    def _in_lock_order(self, claimed: Sequence[Target]) -> list[Target]:
+    def _in_lock_order(self, claimed: Sequence[Target], plan: Plan) -> list[Target]:
         """Bound the lock waits of each load transaction and find its table's load lock;
         the destinations in the order of their keys, so that two loads of the same tables
         take their locks in one order (no cycle of waits between their sessions)."""
@@ -44,7 +45,7 @@ class TableLocking(State):
             assert conn is not None
             try:
                 conn.execute(*locks.set_lock_timeout(self._lock_wait))
-                self._identify(target)
+                self._identify(target, plan.of(target).create)
             except psycopg.Error as exc:
                 self._fail(target, exc, "identifying the table for its load lock")
                 self._rollback(target)
@@ -52,13 +53,13 @@ class TableLocking(State):
             found.append(target)
         return sorted(found, key=lambda t: t.lock_key or 0)
 
-    def _identify(self, target: Target) -> None:
+    def _identify(self, target: Target, new_table: bool) -> None:
         """The table's qualified name as its server resolves it, and its lock key: for a
         table to be created, the schema it will be created in."""
         conn, table = target.conn, target.table
         assert conn is not None and table is not None
         target.locked = False
-        if target.create:
+        if new_table:
             schema = create.schema_for(conn, table) or ""
             query = locks.identity_of_new(schema, table.name)
         else:
@@ -68,7 +69,7 @@ class TableLocking(State):
             raise psycopg.errors.UndefinedTable(f"table {table} does not exist any more")
         target.lock_name, target.lock_key = str(row[0]), int(row[1])
 
-    def _lock_table(self, target: Target) -> None:
+    def _lock_table(self, target: Target, new_table: bool) -> None:
         """Wait (within ``lock_timeout``) until no other load of the table is running;
         held until this transaction ends. A table to be created that exists by then was
         created by another load meanwhile: transient, a retry loads into it."""
@@ -85,7 +86,7 @@ class TableLocking(State):
                 locks.advisory_holders(target.lock_key),
             ) from None
         target.locked = True
-        if target.create:
+        if new_table:
             schema = create.schema_for(conn, table) or ""
             row = conn.execute(*locks.exists(schema, table.name)).fetchone()
             if row and row[0]:

@@ -3,10 +3,12 @@ bad input before anything is written (in the source's one snapshot)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from airflow_copyman.copyman import _versions
 from airflow_copyman.load.catalog import estimates, hints, identity, keytypes, readonly, tables
@@ -18,24 +20,96 @@ from airflow_copyman.load.spec import ConfigError
 from airflow_copyman.load.verify import checksum
 
 
+@dataclass(frozen=True)
+class DestinationPlan:
+    """What planning found for one destination: the columns the COPY fills (described, as
+    the table spells them), whether the load creates the table, and how ``verify="checksum"``
+    compares it (by its COPY stream where every type is the source's, else by the rows'
+    text)."""
+
+    columns: tuple[Column, ...]
+    create: bool = False
+    by_stream: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The plan of a load, made in the source's one snapshot before anything is written:
+    the COPY format, the source's columns, its SELECT (parameters bound: the text checksum
+    runs it again), the size estimate, and each pending destination's plan by its label."""
+
+    format: tables.Format
+    source_columns: tuple[Column, ...]
+    select: sql.Composable
+    estimate: estimates.SizeEstimate | None
+    destinations: Mapping[str, DestinationPlan]
+
+    def of(self, target: Target) -> DestinationPlan:
+        return self.destinations[target.label]
+
+
+@dataclass
+class _Refusals:
+    """Why binary COPY cannot serve some destinations (format=None falls back to text)."""
+
+    binary: list[str] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    difference: str | None = None
+
+    @property
+    def binary_ok(self) -> bool:
+        return not self.binary and not self.versions
+
+
 class Planning(State):
     """Describing both sides and choosing the format."""
 
-    def _plan(self) -> None:
+    def _plan(self) -> Plan | None:
+        """The plan, or None if the source failed transiently (every destination failed).
+
+        :raises ConfigError: bad input (the load fails before anything moves)."""
+        described = self._describe_source()
+        if described is None:
+            return None
+        source_columns, select, source_tables, estimate = described
+        errors = self._same_tables(source_tables)
+        refusals = _Refusals()
+        planned: dict[str, DestinationPlan] = {}
+        for i, target in enumerate(self.targets):
+            if target.pending:
+                found = self._plan_destination(i, target, source_columns, refusals, errors)
+                if found is not None:
+                    planned[target.label] = found
+        by_text = [self._where(self.targets.index(t), t) for t in self.targets
+                   if t.label in planned and self.verify == "checksum"
+                   and not planned[t.label].by_stream]
+        if by_text and not self._source_comparable(by_text, errors):
+            return None
+        fmt = self._choose_format(refusals, errors)
+        return Plan(fmt, tuple(source_columns), select, estimate, planned)
+
+    def _describe_source(
+        self,
+    ) -> tuple[list[Column], sql.Composable, identity.Tables, estimates.SizeEstimate | None] | None:
+        """The source's columns, its SELECT, the tables it reads, its size: in the source's
+        one read-only transaction (its snapshot is the copy's too: no rollback until the
+        copy is over). None if it failed transiently."""
         assert self.src is not None
         src = self.src
         try:
-            # Everything below runs in the source's one read-only transaction (its snapshot
-            # is the copy's too): no rollback until the copy is over.
             source_columns = self.source.describe(src, self.parameters)
-            select = self.source.select(source_columns)
+            select: sql.Composable = self.source.select(source_columns)
             if self.parameters and self.source.query is not None:
-                select = psycopg.sql.SQL(  # type: ignore[assignment]
+                select = sql.SQL(  # type: ignore[misc]
                     psycopg.ClientCursor(src).mogrify(self.source.query, self.parameters)
                 )
             readonly.refuse_writes(src, select)
             source_tables = identity.source(src, f"source {self.origin.name}")
-            self.estimate = estimates.estimate_source(src, self.source, self.parameters, self.log)
+            estimate = estimates.estimate_source(src, self.source, self.parameters, self.log)
         except tables.PlanError as exc:
             raise ConfigError(
                 self._redact(f"source {self.origin.describe()}: {exc}")
@@ -46,83 +120,97 @@ class Planning(State):
                     self._redact(f"source {self.origin.describe()}: {classify.describe(exc)}")
                 ) from exc
             self._source_failed(exc, "describing the source")
-            return
-        self.source_columns = source_columns
-        self.select = select
-        errors = self._same_tables(source_tables)
-        binary_ok = True
-        difference = None
-        binary_refusals = []
-        version_refusals = []
-        by_text: list[str] = []  # destinations verified by the rows' text
-        for i, target in enumerate(self.targets):
-            if not target.pending:
-                continue
-            assert target.conn is not None and target.table is not None
-            where = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
-            try:
-                problem = self._plan_target(target, source_columns, where)
-                if problem is not None:
-                    errors.append(f"{where}: {problem}")
-                    continue
-                columns = target.planned
-                if self.verify == "checksum":
-                    target.by_stream = tables.same_types(source_columns, columns)
-                    if not target.by_stream:
-                        # Compared by the rows' UTF-8 text (the COPY stream needs nothing).
-                        checksum.require_comparable(target.conn, where)
-                        by_text.append(where)
-                target.conn.rollback()
-            except tables.PlanError as exc:
-                errors.append(f"{where}: {exc}")
-                continue
-            except psycopg.Error as exc:
-                self._sort_error(target, exc, where, "checking the table", errors)
-                continue
-            if not tables.binary_safe(source_columns, columns):
-                binary_ok = False
-                here = tables.first_type_difference(source_columns, columns)
-                difference = difference or here
-                binary_refusals.append(f"{where}: column {here}")
-            across = _across_versions(source_columns, columns, src, target.conn)
-            if across is not None:
-                binary_ok = False
-                difference = difference or across
-                version_refusals.append(f"{where}: column {across}")
-        if by_text:
-            try:
-                checksum.require_comparable(src, f"source {self.origin.name}")
-            except psycopg.Error as exc:
-                if not classify.is_permanent(exc):
-                    self._source_failed(exc, "checking it for the checksum")
-                    return
-                errors.append(f"{exc} (for {', '.join(by_text)}: a column's type differs)")
-        if self.requested_format == "binary" and binary_refusals:
+            return None
+        return source_columns, select, source_tables, estimate
+
+    @staticmethod
+    def _where(i: int, target: Target) -> str:
+        return f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
+
+    def _plan_destination(
+        self,
+        i: int,
+        target: Target,
+        source_columns: list[Column],
+        refusals: _Refusals,
+        errors: list[str],
+    ) -> DestinationPlan | None:
+        """One destination's plan; None where it cannot load (the reason is in ``errors``
+        when permanent, else the destination failed)."""
+        conn = target.conn
+        assert conn is not None and target.table is not None
+        where = self._where(i, target)
+        try:
+            found = self._plan_target(target, source_columns, where)
+            if isinstance(found, str):
+                errors.append(f"{where}: {found}")
+                return None
+            if self.verify == "checksum":
+                found = replace(found, by_stream=tables.same_types(source_columns, found.columns))
+                if not found.by_stream:
+                    # Compared by the rows' UTF-8 text (the COPY stream needs nothing).
+                    checksum.require_comparable(conn, where)
+            conn.rollback()
+        except tables.PlanError as exc:
+            errors.append(f"{where}: {exc}")
+            return None
+        except psycopg.Error as exc:
+            self._sort_error(target, exc, where, "checking the table", errors)
+            return None
+        columns = list(found.columns)
+        if not tables.binary_safe(source_columns, columns):
+            here = tables.first_type_difference(source_columns, columns)
+            refusals.difference = refusals.difference or here
+            refusals.binary.append(f"{where}: column {here}")
+        assert self.src is not None
+        across = _across_versions(source_columns, columns, self.src, conn)
+        if across is not None:
+            refusals.difference = refusals.difference or across
+            refusals.versions.append(f"{where}: column {across}")
+        return found
+
+    def _source_comparable(self, by_text: list[str], errors: list[str]) -> bool:
+        """The text checksum needs a source that renders and hashes as the destinations do;
+        False if it failed transiently (every destination failed)."""
+        assert self.src is not None
+        try:
+            checksum.require_comparable(self.src, f"source {self.origin.name}")
+        except psycopg.Error as exc:
+            if not classify.is_permanent(exc):
+                self._source_failed(exc, "checking it for the checksum")
+                return False
+            errors.append(f"{exc} (for {', '.join(by_text)}: a column's type differs)")
+        return True
+
+    def _choose_format(self, refusals: _Refusals, errors: list[str]) -> tables.Format:
+        """The format asked for, else binary where every destination allows it, else text.
+
+        :raises ConfigError: ``errors``, or binary asked for where it is not exact."""
+        if self.requested_format == "binary" and refusals.binary:
             # Binary COPY carries each type's own binary form: another type reads it as
             # something else (int8 1 as numeric 0.0) or not at all, and no server checks.
             errors.append(
                 "format='binary' needs the same types on both sides: "
-                + "; ".join(binary_refusals)
+                + "; ".join(refusals.binary)
                 + " (leave format unset to copy such columns in text)"
             )
-        if self.requested_format == "binary" and version_refusals:
+        if self.requested_format == "binary" and refusals.versions:
             errors.append(
                 "format='binary' is not exact between these servers' versions: "
-                + "; ".join(version_refusals)
+                + "; ".join(refusals.versions)
                 + " (leave format unset to copy in text, which the receiver checks)"
             )
         if errors:
             raise ConfigError(self._redact("; ".join(errors)))
         if self.requested_format is not None:
-            self.format = self.requested_format
-        elif binary_ok:
-            self.format = "binary"
-        else:
-            self.format = "text"
-            self.log.info(
-                "Column types or their binary forms differ (%s): copying in text format",
-                difference,
-            )
+            return self.requested_format
+        if refusals.binary_ok:
+            return "binary"
+        self.log.info(
+            "Column types or their binary forms differ (%s): copying in text format",
+            refusals.difference,
+        )
+        return "text"
 
     def _sort_error(
         self, target: Target, exc: psycopg.Error, where: str, doing: str, errors: list[str]
@@ -136,9 +224,9 @@ class Planning(State):
 
     def _plan_target(
         self, target: Target, source_columns: list[Column], where: str
-    ) -> str | None:
-        """Describe the destination's columns for the source's (``target.planned``), or
-        say why it cannot load them."""
+    ) -> DestinationPlan | str:
+        """Describe the destination's columns for the source's, or say why it cannot load
+        them."""
         conn, table, mode = target.conn, target.table, target.mode
         assert conn is not None and table is not None and mode is not None
         found = tables.table_names(conn, table)
@@ -162,12 +250,13 @@ class Planning(State):
         mismatch = tables.column_mismatch(source_columns, columns)
         if mismatch:
             return f"column count mismatch: {mismatch}"
-        # The names as the table spells them.
-        target.columns = mode.columns = [c.name for c in columns]
-        target.planned = columns
-        return mode.check(conn, target.columns)
+        # The names as the table spells them: what the mode's statements name.
+        mode.columns = [c.name for c in columns]
+        return mode.check(conn, mode.columns) or DestinationPlan(tuple(columns))
 
-    def _plan_creation(self, target: Target, source_columns: list[Column]) -> str | None:
+    def _plan_creation(
+        self, target: Target, source_columns: list[Column]
+    ) -> DestinationPlan | str:
         """The table is missing and may be created: its columns are the source's (named
         as ``columns`` says, where given), with their exact types."""
         conn, table, mode = target.conn, target.table, target.mode
@@ -196,10 +285,9 @@ class Planning(State):
         )
         if problem is not None:
             return problem
-        target.create = mode.created = True
-        target.planned = planned
-        target.columns = mode.columns = list(names)
-        return None
+        mode.created = True
+        mode.columns = list(names)
+        return DestinationPlan(tuple(planned), create=True)
 
     def _same_tables(self, source_tables: identity.Tables) -> list[str]:
         """Refuse destinations that are one table, or a table the source reads, whatever

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from airflow_copyman.load.phases.copy import CopyOutcome
 from airflow_copyman.load.phases.state import State, size
 from airflow_copyman.load.spec import TransferReport
 
@@ -9,15 +10,17 @@ from airflow_copyman.load.spec import TransferReport
 class Reporting(State):
     """The report and the summary."""
 
-    def _report(self, seconds: float) -> TransferReport:
+    def _report(
+        self, seconds: float, fmt: str | None, outcome: CopyOutcome
+    ) -> TransferReport:
         results = [t.result for t in self.targets]
-        rows = self.source_rows
-        nbytes = self.source_bytes
+        rows = outcome.source_rows
+        nbytes = outcome.bytes
         if rows is None:
             done = [r for r in results if r.rows is not None]
             rows = max((r.rows or 0 for r in done), default=0)
             nbytes = max((r.bytes or 0 for r in done), default=0)
-        return TransferReport(rows, nbytes, self.format, seconds, results, self.endpoints)
+        return TransferReport(rows, nbytes, fmt, seconds, results, self.endpoints)
 
     def _log_summary(self, report: TransferReport) -> None:
         self.log.info(

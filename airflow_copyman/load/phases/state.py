@@ -11,8 +11,7 @@ from typing import Any
 import psycopg
 
 from airflow_copyman import copyman
-from airflow_copyman.load.catalog import estimates, tables
-from airflow_copyman.load.catalog.tables import Column
+from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.connection.endpoint import Endpoint
 from airflow_copyman.load.ledger.table import Entry, Ledger
@@ -21,6 +20,7 @@ from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
     DestinationResult,
+    Progress,
 )
 from airflow_copyman.load.verify.checksum import Checksum, ColumnRendering
 
@@ -34,15 +34,11 @@ class Target:
         self.result = DestinationResult(spec.conn_id, spec.table, mode=spec.mode)
         #: How its rows land (set once the table name is parsed).
         self.mode: Mode | None = None
-        #: Create the table in the load transaction (create="if_missing", table missing).
-        self.create = False
         self.table: tables.TableName | None = None
         self.columns: list[str] | None = None
         self.conn: psycopg.Connection[Any] | None = None
         self.receiver: copyman.StatementReceiver | None = None
         self.started = 0.0
-        #: The destination's columns the COPY fills, described (planning).
-        self.planned: list[Column] = []
         #: The schema of its ledger table (once known).
         self.ledger_schema: str | None = None
         #: Whether that ledger table has the columns of the load's extras (None: unknown).
@@ -51,9 +47,6 @@ class Target:
         #: before the COPY (rows a preoperator wrote).
         self.renderings: list[ColumnRendering] | None = None
         self.baseline: Checksum | None = None
-        #: verify="checksum" by its COPY stream (same types on both sides), else by the
-        #: rows' text (decided while planning).
-        self.by_stream = False
         #: The table as its server resolves it, the advisory key of its loads, and whether
         #: this load transaction holds that lock (:mod:`airflow_copyman.load.connection.locks`).
         self.lock_name: str | None = None
@@ -89,7 +82,6 @@ class State:
     min_rows: int
     max_bytes_per_second: float | None
     verify: str
-    select: psycopg.sql.Composable | None
     requested_format: tables.Format | None
     specs: list[Destination]
     parameters: tables.Params | None
@@ -100,23 +92,30 @@ class State:
     #: task_state_store), asked once its table is resolved (``result.relation``).
     loaded_before: Callable[[DestinationResult], Entry | None] | None
     progress_interval: float
+    #: Called with the load's progress (see :class:`~airflow_copyman.load.Progress`).
+    on_progress: Callable[[Progress], None] | None
+    #: When :meth:`Transfer.run` began (``time.monotonic()``).
+    started: float
     receiver_timeout: float
     targets: list[Target]
     src: psycopg.Connection[Any] | None
-    format: tables.Format | None
-    source_columns: list[Column]
-    producer: copyman.StatementProducer | None
     manager: copyman.CopyManager | None
     cancelled: bool
     interrupt: BaseException | None
-    source_rows: int | None
-    source_bytes: int
-    estimate: estimates.SizeEstimate | None
     secrets: list[str]
     endpoints: dict[str, tuple[str, str]]
     source: tables.Source
     #: verify="checksum": the source session's settings a text read-back renders with.
     rendering: dict[str, str] | None
+
+    def _tell_progress(self, progress: Progress) -> None:
+        """Hand ``progress`` to ``on_progress``: a display that fails does not fail the load."""
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(progress)
+        except Exception as exc:
+            self.log.warning("on_progress failed: %s", classify.describe(exc, self.secrets))
 
     def _go_on(self) -> bool:
         return not self.cancelled and any(t.pending for t in self.targets)

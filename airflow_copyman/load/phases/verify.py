@@ -18,7 +18,7 @@ Two ways, per destination:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -28,24 +28,31 @@ from airflow_copyman.load.phases.state import State, Target
 from airflow_copyman.load.verify import checksum, readback
 from airflow_copyman.load.verify.checksum import Checksum
 
+if TYPE_CHECKING:
+    from airflow_copyman.load.phases.copy import CopyOutcome
+    from airflow_copyman.load.phases.plan import DestinationPlan, Plan
+
 
 class Verifying(State):
     """The checksum step of ``verify="checksum"``."""
 
-    def _verify(self, targets: list[Target]) -> list[Target]:
+    def _verify(
+        self, targets: list[Target], plan: Plan, copied: CopyOutcome
+    ) -> list[Target]:
         """Verify ``targets`` (each with a complete COPY) at once; returns those that pass
         (the others failed and were rolled back)."""
         if self.verify != "checksum" or not targets:
             return targets
         outcomes: dict[int, Checksum | BaseException] = {}
-        by_text = [t for t in targets if not streams(self, t)]
+        by_text = [t for t in targets if not streams(self, t, plan)]
         if by_text:
-            outcomes.update(zip(map(id, by_text), self._verify_by_text(by_text), strict=True))
-        by_stream = [t for t in targets if streams(self, t)]
-        if by_stream:
             outcomes.update(
-                zip(map(id, by_stream), self._verify_by_stream(by_stream), strict=True)
+                zip(map(id, by_text), self._verify_by_text(by_text, plan), strict=True)
             )
+        by_stream = [t for t in targets if streams(self, t, plan)]
+        if by_stream:
+            checked = self._verify_by_stream(by_stream, plan, copied)
+            outcomes.update(zip(map(id, by_stream), checked, strict=True))
         passed = []
         for target in targets:
             outcome = outcomes[id(target)]
@@ -58,8 +65,10 @@ class Verifying(State):
                 self._rollback(target)
         return passed
 
-    def _verify_by_text(self, targets: list[Target]) -> list[Checksum | BaseException]:
-        assert self.src is not None and self.select is not None
+    def _verify_by_text(
+        self, targets: list[Target], plan: Plan
+    ) -> list[Checksum | BaseException]:
+        assert self.src is not None
         written = []
         for target in targets:
             conn, mode = target.conn, target.mode
@@ -71,22 +80,24 @@ class Verifying(State):
                 )
             )
         # The source is still in its REPEATABLE READ transaction: the COPY's snapshot.
-        return checksum.verify_all(self.src, self.select, written)
+        return checksum.verify_all(self.src, plan.select, written)
 
-    def _verify_by_stream(self, targets: list[Target]) -> list[Checksum | BaseException]:
-        assert self.producer is not None and self.format is not None
-        digest = self.producer.digest()
+    def _verify_by_stream(
+        self, targets: list[Target], plan: Plan, copied: CopyOutcome
+    ) -> list[Checksum | BaseException]:
+        digest = copied.digest
         assert digest is not None, "the producer digests its rows under verify='checksum'"
-        sent = _checksum_of(digest, self.format)
+        fmt = plan.format
+        sent = _checksum_of(digest, fmt)
         outcomes: dict[int, Digest | BaseException] = {}
         reads = []
         for target in targets:
             try:
-                reads.append((target, _read(target, self.format)))
+                reads.append((target, _read(target, fmt, plan.of(target).names)))
             except Exception as exc:  # a server error, a stop, a time-out (its bounds)
                 outcomes[id(target)] = exc
         try:
-            settings = rendering(self)
+            settings = rendering(self, fmt)
         except Exception as exc:  # the source's settings could not be read
             outcomes.update((id(target), exc) for target, _ in reads)
             reads = []
@@ -99,7 +110,7 @@ class Verifying(State):
             if isinstance(outcome, BaseException):
                 out.append(outcome)
                 continue
-            written = _checksum_of(outcome, self.format)
+            written = _checksum_of(outcome, fmt)
             if target.baseline is not None:
                 written = written - target.baseline
             if written != sent:
@@ -109,17 +120,17 @@ class Verifying(State):
         return out
 
 
-def streams(state: State, target: Target) -> bool:
+def streams(state: State, target: Target, plan: Plan) -> bool:
     """Whether ``target`` is verified by its COPY stream: every column the COPY fills has
     the source column's type (base type of a domain, modifier included) on both sides
     (decided while planning)."""
-    return target.by_stream
+    return plan.of(target).by_stream
 
 
-def rendering(state: State) -> dict[str, str] | None:
+def rendering(state: State, fmt: str) -> dict[str, str] | None:
     """The source session's rendering settings for a text or CSV read-back (read once);
     None for binary, whose send functions depend on no setting."""
-    if state.format == "binary":
+    if fmt == "binary":
         return None
     if state.rendering is None:
         assert state.src is not None
@@ -127,42 +138,44 @@ def rendering(state: State) -> dict[str, str] | None:
     return state.rendering
 
 
-def _read(target: Target, fmt: str) -> tuple[psycopg.Connection[Any], sql.Composed]:
+def _read(
+    target: Target, fmt: str, names: list[str]
+) -> tuple[psycopg.Connection[Any], sql.Composed]:
     conn, mode = target.conn, target.mode
-    assert conn is not None and mode is not None and target.columns is not None
+    assert conn is not None and mode is not None
     relation, where = mode.written(conn)
-    return conn, readback.query(conn, relation, target.columns, where, fmt)
+    return conn, readback.query(conn, relation, names, where, fmt)
 
 
 def _checksum_of(digest: Digest, fmt: str) -> Checksum:
     return Checksum(digest.rows, digest.total, f"copy-{fmt}")
 
 
-def take_renderings(target: Target) -> None:
+def take_renderings(target: Target, planned: DestinationPlan) -> None:
     """In the load transaction, once the table exists (create="if_missing" created it):
     how each column the COPY fills is rendered for the checksum."""
     conn, table = target.conn, target.table
-    assert conn is not None and table is not None and target.columns is not None
-    target.renderings = checksum.destination_renderings(conn, table.identifier, target.columns)
+    assert conn is not None and table is not None
+    target.renderings = checksum.destination_renderings(conn, table.identifier, planned.names)
 
 
-def take_baseline(state: State, target: Target) -> None:
+def take_baseline(state: State, target: Target, plan: Plan) -> None:
     """After a preoperator, before the COPY: the checksum of the rows the mode's scope holds
     already (rows the preoperator wrote), subtracted from the one taken after the COPY,
     the same way. A merge's scope is the target's rows whose key was staged, read after the
     merge applied them: nothing to subtract."""
     conn, mode = target.conn, target.mode
-    assert conn is not None and mode is not None and target.columns is not None
+    assert conn is not None and mode is not None
     if mode.name == "merge":
         return
-    if streams(state, target):
-        assert state.format is not None
+    names, fmt = plan.of(target).names, plan.format
+    if streams(state, target, plan):
         (outcome,) = readback.digests(
-            [_read(target, state.format)], rendering(state), state.bounds
+            [_read(target, fmt, names)], rendering(state, fmt), state.bounds
         )
         if isinstance(outcome, BaseException):
             raise outcome
-        target.baseline = _checksum_of(outcome, state.format)
+        target.baseline = _checksum_of(outcome, fmt)
         return
     relation, where = mode.written(conn)
-    target.baseline = checksum.destination_checksum(conn, relation, target.columns, where)
+    target.baseline = checksum.destination_checksum(conn, relation, names, where)

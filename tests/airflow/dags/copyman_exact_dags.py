@@ -1,6 +1,6 @@
 """The DAG of the exact-data end-to-end test (issue 8): encodings and session settings that
 would change values, a source query that writes, and one table given twice. Connections come
-from ``AIRFLOW_CONN_*`` set by ``test_af_exact_dag.py``."""
+from ``AIRFLOW_CONN_*`` set by ``test_af_types_and_encodings_dag.py``."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from af_support import Events, PgServers, run_dag
-from test_af_exact import database, values
+from test_af_types_and_encodings import database, values
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

@@ -567,9 +567,10 @@ def test_the_checks_and_the_copy_read_one_snapshot(
     src, dst = readonly_source
     planned = _load.Transfer._plan
 
-    def plan_then_commit_more(self: Any) -> None:
-        planned(self)
+    def plan_then_commit_more(self: Any) -> Any:
+        plan = planned(self)
         src.execute("INSERT INTO events (note) VALUES ('late')")
+        return plan
 
     monkeypatch.setattr(_load.Transfer, "_plan", plan_then_commit_more)
     report = transfer("pg_ro_src", "events", Destination("pg_ro_dst", "events"))
