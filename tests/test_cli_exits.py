@@ -203,7 +203,7 @@ def wait_until(check: Callable[[], bool], limit: float) -> bool:
     return check()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_every_copy_and_commits_nothing(
     src: Database, new_db: Callable[[str], Database], signum: int
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -93,16 +94,16 @@ def _request(
 
 def execute(built: LoadRequest, *, quiet: bool, as_json: bool) -> int:
     display = progress.display(quiet=quiet, secrets=built.secrets)
-    options = built.options
     # The load reports as often as the display shows it (a plain line: under 5 s).
-    options = load.LoadOptions(**{**vars(options), "progress_interval": display.interval})
-    extra: dict[str, Any] = {}
-    if display.wants_progress():
-        extra["on_progress"] = display.on_progress
+    options = dataclasses.replace(
+        built.options,
+        progress_interval=display.interval,
+        on_progress=display.on_progress if display.wants_progress() else None,
+    )
     try:
         transfer = load.Transfer(
             built.source, built.sql, built.destinations, endpoints=built.endpoints,
-            ledger=built.ledger, log=display.log, options=options, **extra,
+            ledger=built.ledger, log=display.log, options=options,
         )
     except load.ConfigError as exc:
         display.line(f"copyman: error: {exc}")

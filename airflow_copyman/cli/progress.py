@@ -2,14 +2,15 @@
 
 Plain lines are the load's own log lines (its progress line comes every
 ``progress_interval`` seconds while rows flow: :data:`PLAIN_INTERVAL`). The bars are fed by
-the load's progress callback, where the load layer has one (``load.Progress``).
+the load's progress callback (``on_progress``, a :class:`load.Progress` at most every
+:data:`BARS_INTERVAL` seconds and once at the end).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 from urllib.parse import quote
 
 from rich.console import Console
@@ -28,17 +29,6 @@ from airflow_copyman import load
 PLAIN_INTERVAL = 4.0
 #: Seconds between two updates of the bars.
 BARS_INTERVAL = 0.25
-
-
-class Snapshot(Protocol):
-    """What the load reports as it goes (``load.Progress``)."""
-
-    rows: int
-    bytes: int
-    seconds: float
-    estimated_rows: int | None
-    estimated_bytes: int | None
-    destinations: tuple[tuple[str, str], ...]
 
 
 class Redacting(logging.Formatter):
@@ -73,7 +63,7 @@ class Display:
         self.log.propagate = False
         self.log.setLevel(logging.INFO)
 
-    def on_progress(self, snapshot: Snapshot) -> None:
+    def on_progress(self, snapshot: load.Progress) -> None:
         pass
 
     def wants_progress(self) -> bool:
@@ -141,7 +131,7 @@ class Bars(Display):
     def stop(self) -> None:
         self.bars.stop()
 
-    def on_progress(self, snapshot: Snapshot) -> None:
+    def on_progress(self, snapshot: load.Progress) -> None:
         total = snapshot.estimated_rows
         rate = snapshot.bytes / snapshot.seconds if snapshot.seconds > 0 else 0.0
         fields: dict[str, Any] = {
@@ -185,10 +175,10 @@ def size(n: float) -> str:
 
 
 def display(*, quiet: bool, secrets: list[str], stream: TextIO | None = None) -> Display:
-    """Silent with --quiet; bars on a terminal where the load reports progress; else lines."""
+    """Silent with --quiet; bars on a terminal; else lines."""
     out = stream or sys.stderr
     if quiet:
         return Silent(secrets, out)
-    if out.isatty() and hasattr(load, "Progress"):
+    if out.isatty():
         return Bars(secrets, out)
     return Lines(secrets, out)
