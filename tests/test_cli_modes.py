@@ -133,3 +133,27 @@ key = ["id"]
     assert items(appended) == SOURCE_ROWS
     assert items(replaced, "copy_of_items") == SOURCE_ROWS
     assert items(merged) == [*SOURCE_ROWS, (7, "kept", 7.0)]
+
+
+def test_copy_reaches_a_service_and_passes_columns_and_operators(
+    src: Database, new_db: Callable[[str], Database], tmp_path: Path
+) -> None:
+    dst = new_db("dst")
+    dst.execute("CREATE TABLE items (id int, name text, note text DEFAULT 'copied')")
+    dst.execute("CREATE TABLE log (what text)")
+    dst.execute("INSERT INTO items VALUES (100, 'gone', 'old')")
+    a = dst.address
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[warehouse]\nhost={a.host}\nport={a.port}\nuser={a.user}\n"
+                        f"dbname={dst.name}\n")
+    done = copyman("copy", dsn(src), "SELECT id, name FROM items", "service=warehouse", "items",
+                   "--columns", "id, name", "--preoperator", "DELETE FROM items WHERE id = 100",
+                   "--postoperator", "INSERT INTO log VALUES ('loaded')", "--json",
+                   password=src.address.password, PGSERVICEFILE=str(services))
+    assert done.status == 0, done.stderr
+    [entry] = done.report["destinations"]
+    assert (entry["conn_id"], entry["status"], entry["rows"]) == ("service=warehouse", "loaded", 3)
+    assert dst.execute("SELECT id, name, note FROM items ORDER BY id") == [
+        (1, "one", "copied"), (2, "two", "copied"), (3, "three", "copied")
+    ]
+    assert dst.execute("SELECT what FROM log") == [("loaded",)]
