@@ -55,7 +55,10 @@ def run_stoppably(transfer: load.Transfer, tick: Callable[[], None] = lambda: No
         transfer.cancel()
 
     worker = threading.Thread(target=work, name="copyman-load", daemon=True)
-    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    # Only the main thread may set signal handlers (main() called from another thread, say
+    # by an embedding program, leaves its signals alone).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in SIGNALS} if in_main else {}
     try:
         worker.start()
         while worker.is_alive():

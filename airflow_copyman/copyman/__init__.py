@@ -29,12 +29,17 @@ from ._fittings import (
     Receiver,
     Wait,
 )
+from ._limits import ABORT_TIMEOUT, CANCEL_WAIT, MAX_WAIT, POLL
 from ._manager import BATCH_BYTES, QUEUE_BYTES, RECEIVER_TIMEOUT, CopyManager, transfer
 from ._sql import is_copy_statement
 from ._statement import StatementProducer, StatementReceiver
 
 __all__ = [
+    "ABORT_TIMEOUT",
     "BATCH_BYTES",
+    "CANCEL_WAIT",
+    "MAX_WAIT",
+    "POLL",
     "QUEUE_BYTES",
     "RECEIVER_TIMEOUT",
     "CallReceiver",

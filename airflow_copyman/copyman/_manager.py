@@ -34,10 +34,11 @@ from ._errors import (
     ReceiverTimeout,
 )
 from ._fittings import Fitting, Producer, Receiver, Wait
+from ._limits import ABORT_TIMEOUT, MAX_WAIT
 from ._pace import Pace
 from ._session import check_sessions
-from ._statement import ABORT_TIMEOUT, StatementProducer, StatementReceiver
-from ._steps import MAX_WAIT, Driver, Step, select_fds
+from ._statement import StatementProducer, StatementReceiver
+from ._steps import Driver, Step, select_fds
 
 #: Target size of one cycle's batch read from the producer.
 BATCH_BYTES = 256 * 1024

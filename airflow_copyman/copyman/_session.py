@@ -34,7 +34,8 @@ import psycopg
 from . import _versions
 from ._errors import CopyUsageError, ProducerTimeout, ReceiverTimeout
 from ._fittings import Receiver
-from ._statement import ABORT_TIMEOUT, StatementProducer, _StatementFitting
+from ._limits import ABORT_TIMEOUT
+from ._statement import StatementProducer, _StatementFitting
 from ._steps import Driver, Step
 
 if TYPE_CHECKING:

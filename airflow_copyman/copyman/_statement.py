@@ -27,6 +27,7 @@ from psycopg.abc import Buffer, Params, Query
 from ._digest import Digest, StreamDigest, row_hash
 from ._errors import CopyUsageError, RowCountMismatch
 from ._fittings import Producer, Receiver, Wait
+from ._limits import ABORT_TIMEOUT
 from ._records import Batch
 from ._sql import check_copy_statement, copy_format
 from ._steps import Driver, Step, Steps
@@ -35,9 +36,6 @@ from ._steps import Driver, Step, Steps
 # this bounds the unsent data a receiver holds in libpq (psycopg uses the same order of
 # magnitude, MAX_BUFFER_SIZE, to avoid libpq's huge-buffer pathologies, psycopg#255).
 PIECE_SIZE = 128 * 1024
-# How long aborting a COPY may wait on its server (after a cancel request) before giving up
-# and closing the connection (the server then rolls the transaction back itself).
-ABORT_TIMEOUT = 5.0
 
 _IDLE = pq.TransactionStatus.IDLE
 _ACTIVE = pq.TransactionStatus.ACTIVE

@@ -16,13 +16,12 @@ from collections.abc import Callable, Generator, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from ._fittings import Wait
+from ._limits import MAX_WAIT
 
 #: What a step yields: the socket it waits on and for what.
 Want = tuple[int, Wait]
 Steps = Generator[Want, None, Any]
 
-#: Longest single wait, so that ``cancel()`` and deadlines are noticed promptly.
-MAX_WAIT = 0.5
 
 K = TypeVar("K", bound=Hashable)
 

@@ -11,9 +11,7 @@ together) and mirrors the ledger, for the Airflow UI and REST API.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
@@ -32,8 +30,9 @@ from airflow_copyman._outcome import (
     CopyManPermanentFailure,
     failure_of,
 )
+from airflow_copyman._task_state import STATE_KEY, TaskStateLedger
 from airflow_copyman.hooks.copyman import PROGRESS_INTERVAL, CopyManHook
-from airflow_copyman.load import Entry, Ledger, Relation, TaskKey
+from airflow_copyman.load import Ledger, TaskKey
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -46,8 +45,6 @@ __all__ = [
     "CopyManPermanentFailure",
 ]
 
-#: The ``task_state_store`` key holding the lineage and the destinations it loaded.
-STATE_KEY = "copyman"
 #: Default schema of the ledger table: None, the destination table's own schema (a role
 #: that may create tables only there, as PostgreSQL 15+ gives no CREATE on ``public``).
 LEDGER_SCHEMA = None
@@ -214,9 +211,35 @@ class CopyManOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         ti = context["ti"]
+        specs, options = self._checked_arguments()
+        # Retries share one lineage (kept in the store); it keys the ledger's rows too.
+        state = TaskStateLedger(
+            context.get("task_state_store"), ti.max_tries,
+            resume_on_clear=self.resume_on_clear, try_number=ti.try_number,
+        )
+        ledger = self._table_ledger(ti, state.lineage)
+        # Without a ledger, the state store is the record of what was loaded.
+        skipped = state.skip_loaded(specs, self.log) if ledger is None else {}
+        pending = [s for s in specs if s.label not in skipped]
+        self._log_try(ti.try_number, state.lineage, ledger, len(pending), len(skipped))
+        report = self._load(ti, pending, options, ledger, state)
+        report = _with_skipped(report, specs, skipped, loaded_now=bool(pending))
+        self._report = report
+        state.sync(report, ti.try_number)
+        self._check_counts(report)
+        if self._killed:
+            raise AirflowException("the task was killed: nothing was committed after the kill")
+        if report.failed:
+            raise failure_of(report)
+        ti.xcom_push(key="rows", value=report.rows)
+        ti.xcom_push(key="bytes", value=report.bytes)
+        _assets.emit(context, self, specs, report, ti.try_number)
+        return report.as_dict()
+
+    def _checked_arguments(self) -> tuple[list[Destination], load.LoadOptions]:
+        """The destinations and the options, rendered now: checked like the others."""
         try:
             specs = self._destination_specs()
-            # The templated options are rendered now: checked like the others.
             options = load.LoadOptions.from_rendered(
                 format=self.format, parameters=self.parameters, verify=self.verify,
                 receiver_timeout=self.receiver_timeout, lock_timeout=self.lock_timeout,
@@ -227,83 +250,67 @@ class CopyManOperator(BaseOperator):
             raise CopyManPermanentFailure(f"{self.task_id}: {exc}") from None
         except CopyManConfigError as exc:
             raise CopyManPermanentFailure(str(exc)) from None
-        store = context.get("task_state_store")
-        state = _StateMirror(store, ti.max_tries, resume_on_clear=self.resume_on_clear)
+        return specs, options
+
+    def _table_ledger(self, ti: Any, lineage: str) -> Ledger | None:
+        if not self.ledger:
+            return None
         map_index = ti.map_index if ti.map_index is not None else -1
-        key = TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, state.lineage, ti.try_number)
-        ledger = None
-        if self.ledger:
-            ledger = Ledger(self.ledger_schema, key, resume_on_clear=self.resume_on_clear)
-        # Without a ledger, the state store is the record of what was loaded.
-        skipped: dict[str, DestinationResult] = {}
-        if ledger is None:
-            for spec in specs:
-                if (entry := state.loaded(spec)) is not None:
-                    skipped[spec.label] = entry
-                    self.log.info(
-                        "%s: already loaded by try %s (task_state_store): skipped",
-                        spec.label,
-                        entry.try_number,
-                    )
-        pending = [s for s in specs if s.label not in skipped]
+        key = TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, lineage, ti.try_number)
+        return Ledger(self.ledger_schema, key, resume_on_clear=self.resume_on_clear)
+
+    def _log_try(
+        self, try_number: int, lineage: str, ledger: Ledger | None, pending: int, skipped: int
+    ) -> None:
         if ledger is None:
             self.log.info(
                 "Try %d, lineage %s: %d destination(s) to load, %d already loaded "
                 "(no ledger: task_state_store only)",
-                ti.try_number, state.lineage, len(pending), len(skipped),
+                try_number, lineage, pending, skipped,
             )
         else:
             # The ledger is read once connected: the transfer logs what it skips.
             self.log.info(
                 "Try %d, lineage %s: %d destination(s); the ledger %s says which are loaded",
-                ti.try_number, state.lineage, len(pending), ledger.name,
+                try_number, lineage, pending, ledger.name,
             )
+
+    def _load(
+        self,
+        ti: Any,
+        pending: list[Destination],
+        options: load.LoadOptions,
+        ledger: Ledger | None,
+        state: TaskStateLedger,
+    ) -> TransferReport:
+        """Load ``pending``: the table ledger (or, without one, the task state) decides
+        which are loaded already."""
         hook = CopyManHook(self.source_conn_id)
         self._hook = hook
-        report: TransferReport
         try:
             if self._killed:
                 raise AirflowException("the task was killed before the copy started")
-            if pending:
-                report = hook.transfer(
-                    self.sql,
-                    pending,
-                    options=options,
-                    ledger=ledger,
-                    on_commit=lambda result: state.record(result, ti.try_number),
-                    # Without a ledger: the record by the table the server resolved.
-                    loaded_before=state.loaded_as if ledger is None else None,
-                    # A load waiting for a table this one holds names its DAG, task, run.
-                    application_name=load.application_name_for(
-                        ti.dag_id, ti.task_id, ti.run_id, map_index
-                    ),
-                    raise_on_failure=False,
-                )
-            else:
-                report = TransferReport(0, 0, None, 0.0, [])
+            if not pending:
+                return TransferReport(0, 0, None, 0.0, [])
+            return hook.transfer(
+                self.sql,
+                pending,
+                options=options,
+                ledger=ledger,
+                on_commit=state.committed,
+                # Without a ledger: the record by the table the server resolved.
+                loaded_before=state.loaded_as if ledger is None else None,
+                # A load waiting for a table this one holds names its DAG, task, run.
+                application_name=load.application_name_for(
+                    ti.dag_id, ti.task_id, ti.run_id,
+                    ti.map_index if ti.map_index is not None else -1,
+                ),
+                raise_on_failure=False,
+            )
         except CopyManConfigError as exc:
             raise CopyManPermanentFailure(str(exc)) from None
         finally:
             self._hook = None
-        # In the order the destinations were given, skipped ones included.
-        by_label = {r.label: r for r in report.destinations}
-        report.destinations = [by_label.get(s.label) or skipped[s.label] for s in specs]
-        if not pending:
-            report.rows = max((r.rows or 0 for r in report.destinations), default=0)
-            report.bytes = max((r.bytes or 0 for r in report.destinations), default=0)
-        self._report = report
-        state.sync(report, ti.try_number)
-        self._check_counts(report)
-        if self._killed:
-            raise AirflowException("the task was killed: nothing was committed after the kill")
-        failed = report.failed
-        if failed:
-            raise failure_of(report)
-        result = report.as_dict()
-        ti.xcom_push(key="rows", value=report.rows)
-        ti.xcom_push(key="bytes", value=report.bytes)
-        _assets.emit(context, self, specs, report, ti.try_number)
-        return result
 
     def on_kill(self) -> None:
         """Cancel every COPY and statement in flight; nothing is committed after this.
@@ -367,121 +374,17 @@ class CopyManOperator(BaseOperator):
         return operator_lineage(self, report)
 
 
-class _StateMirror:
-    """The task's ``task_state_store`` record: the lineage, and what it loaded.
-
-    Retries of a task instance share one store record (Airflow keys it by DAG run, task
-    and map index); a manual clear keeps it, but raises ``max_tries`` (to ``try_number +
-    retries``), and a re-created DAG run starts with an empty store. So the lineage is a
-    random id kept in the store together with ``max_tries``: same ``max_tries``, same
-    lineage; otherwise a new one. Without a store (Airflow < 3.3, or ``execute`` called
-    outside a task run), the lineage is derived from ``max_tries`` alone.
-    """
-
-    def __init__(self, store: Any, max_tries: int, *, resume_on_clear: bool) -> None:
-        self.store = store
-        self.record_: dict[str, Any] = {}
-        previous = store.get(STATE_KEY) if store is not None else None
-        if (
-            isinstance(previous, dict)
-            and previous.get("max_tries") == max_tries
-            and isinstance(previous.get("lineage"), str)
-        ):
-            self.record_ = previous
-            self.lineage: str = previous["lineage"]
-            return
-        if store is None:
-            self.lineage = f"max_tries-{max_tries}"
-        else:
-            self.lineage = uuid.uuid4().hex
-        carried = {}
-        if resume_on_clear and isinstance(previous, dict):
-            carried = dict(previous.get("destinations") or {})
-        self.record_ = {"lineage": self.lineage, "max_tries": max_tries, "destinations": carried}
-        self._write()
-
-    def loaded(self, spec: Destination) -> DestinationResult | None:
-        """Before connecting: the record of ``spec`` as spelled (records of earlier
-        versions, and of a try that spelled it alike)."""
-        entry = (self.record_.get("destinations") or {}).get(spec.label)
-        if not isinstance(entry, dict):
-            return None
-        return DestinationResult(
-            spec.conn_id,
-            spec.table,
-            status="already_loaded",
-            mode=spec.mode,
-            rows=entry.get("rows"),
-            bytes=entry.get("bytes"),
-            try_number=entry.get("try_number"),
-            relation=Relation(*entry["relation"]) if entry.get("relation") else None,
-            # What the loading try measured (absent from records of earlier versions).
-            inserted=entry.get("inserted"),
-            updated=entry.get("updated"),
-            checksum=entry.get("checksum"),
-        )
-
-    def loaded_as(self, result: DestinationResult) -> Entry | None:
-        """Once connected: the record of the table as its server resolved it, however an
-        earlier try spelled it."""
-        entry = (self.record_.get("destinations") or {}).get(_key_of(result))
-        if not isinstance(entry, dict):
-            return None
-        return Entry(
-            self.lineage, entry.get("try_number") or 0, entry.get("rows") or 0,
-            entry.get("bytes") or 0, entry.get("inserted"), entry.get("updated"),
-            entry.get("checksum"),
-        )
-
-    def record(self, result: DestinationResult, try_number: int) -> None:
-        self.record_.setdefault("destinations", {})[_key_of(result)] = {
-            "rows": result.rows,
-            "bytes": result.bytes,
-            "try_number": result.try_number or try_number,
-            "loaded_at": datetime.now(UTC).isoformat(),
-            "relation": list(result.relation.parts) if result.relation else None,
-            **_measured(result),
-        }
-        self._write()
-
-    def sync(self, report: TransferReport, try_number: int) -> None:
-        """Bring the mirror in line with the ledger after a try (a load the ledger shows
-        but the store missed: a try died between a commit and its bookkeeping)."""
-        destinations = self.record_.setdefault("destinations", {})
-        for result in report.destinations:
-            key = _key_of(result)
-            if result.status in ("loaded", "already_loaded") and not (
-                key in destinations or result.label in destinations
-            ):
-                destinations[key] = {
-                    "rows": result.rows,
-                    "bytes": result.bytes,
-                    "try_number": result.try_number or try_number,
-                    **_measured(result),
-                }
-        self.record_["last_try"] = try_number
-        self.record_["failed"] = [r.label for r in report.failed]
-        try:
-            self._write()
-        except Exception as exc:  # the ledger is the record; this is a mirror
-            import logging
-
-            logging.getLogger(__name__).warning("Could not update task_state_store: %s", exc)
-
-    def _write(self) -> None:
-        if self.store is not None:
-            self.store.set(STATE_KEY, self.record_)
-
-
-def _key_of(result: DestinationResult) -> str:
-    """A destination's key in the record: its connection and its table as the server
-    resolved it (``pg_wh:public.orders``), else as spelled (records of earlier versions)."""
-    relation = result.relation
-    if relation is not None and relation.key is not None:
-        return f"{result.conn_id}:{relation.key}"
-    return result.label
-
-
-def _measured(result: DestinationResult) -> dict[str, Any]:
-    """What a load measured beyond rows and bytes (a merge's counts, the checksum)."""
-    return {"inserted": result.inserted, "updated": result.updated, "checksum": result.checksum}
+def _with_skipped(
+    report: TransferReport,
+    specs: list[Destination],
+    skipped: dict[str, DestinationResult],
+    *,
+    loaded_now: bool,
+) -> TransferReport:
+    """The report with the destinations skipped before connecting, in the order given."""
+    by_label = {r.label: r for r in report.destinations}
+    report.destinations = [by_label.get(s.label) or skipped[s.label] for s in specs]
+    if not loaded_now:
+        report.rows = max((r.rows or 0 for r in report.destinations), default=0)
+        report.bytes = max((r.bytes or 0 for r in report.destinations), default=0)
+    return report

@@ -275,8 +275,9 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from airflow_copyman._assets import emit
     from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
+    from airflow_copyman._task_state import TaskStateLedger
     from airflow_copyman.load.catalog.relation import Relation
-    from airflow_copyman.operators.copyman import CopyManOperator, _StateMirror
+    from airflow_copyman.operators.copyman import CopyManOperator
 
     monkeypatch.setenv("AIRFLOW_CONN_PG_A", "postgresql://someone:s3cret@db.example:6432/shop")
     from airflow.sdk import DAG
@@ -326,7 +327,7 @@ def test_each_load_is_announced_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     specs[0] = Destination("pg_a", "a")
     # Without a ledger, the task_state_store mirror keeps the table's name for a later try.
-    mirror = _StateMirror(DictStore(), 3, resume_on_clear=False)
+    mirror = TaskStateLedger(DictStore(), 3, resume_on_clear=False)
     mirror.record(result("a", "loaded", 1), 1)
     loaded = mirror.loaded(specs[0])
     assert loaded is not None and loaded.relation == Relation("shop", "public", "a")

@@ -172,36 +172,36 @@ class DictStore:
 
 
 def test_lineage_follows_max_tries() -> None:
+    from airflow_copyman._task_state import TaskStateLedger
     from airflow_copyman.hooks.copyman import Destination, DestinationResult, TransferReport
-    from airflow_copyman.operators.copyman import _StateMirror
 
     store = DictStore()
-    first = _StateMirror(store, max_tries=3, resume_on_clear=False)
+    first = TaskStateLedger(store, max_tries=3, resume_on_clear=False)
     dest = Destination("pg_a", "public.t")
     first.record(DestinationResult("pg_a", "public.t", "loaded", 10, 100, try_number=1), 1)
     # A retry (same max_tries) continues the lineage and sees what was loaded.
-    retry = _StateMirror(store, max_tries=3, resume_on_clear=False)
+    retry = TaskStateLedger(store, max_tries=3, resume_on_clear=False)
     assert retry.lineage == first.lineage
     loaded = retry.loaded(dest)
     assert loaded is not None and loaded.status == "already_loaded" and loaded.rows == 10
     retry.sync(TransferReport(10, 100, "binary", 0.1, [loaded]), 2)
     # A clear raises max_tries: a new lineage, which loads everything again...
-    cleared = _StateMirror(store, max_tries=5, resume_on_clear=False)
+    cleared = TaskStateLedger(store, max_tries=5, resume_on_clear=False)
     assert cleared.lineage != first.lineage and cleared.loaded(dest) is None
     # ... unless asked to resume.
     store2 = DictStore()
-    _StateMirror(store2, 3, resume_on_clear=False).record(
+    TaskStateLedger(store2, 3, resume_on_clear=False).record(
         DestinationResult("pg_a", "public.t", "loaded", 10, 100, try_number=1), 1
     )
-    resumed = _StateMirror(store2, 5, resume_on_clear=True)
+    resumed = TaskStateLedger(store2, 5, resume_on_clear=True)
     assert resumed.loaded(dest) is not None
     # Without a store, the lineage comes from max_tries alone.
-    assert _StateMirror(None, 3, resume_on_clear=False).lineage == "max_tries-3"
+    assert TaskStateLedger(None, 3, resume_on_clear=False).lineage == "max_tries-3"
 
 
 def test_the_mirror_keeps_what_the_loading_try_measured() -> None:
+    from airflow_copyman._task_state import TaskStateLedger
     from airflow_copyman.hooks.copyman import Destination, DestinationResult, TransferReport
-    from airflow_copyman.operators.copyman import _StateMirror
 
     store = DictStore()
     dest = Destination("pg_a", "public.t", mode="merge", key=("id",))
@@ -211,10 +211,10 @@ def test_the_mirror_keeps_what_the_loading_try_measured() -> None:
         "pg_a", "public.t", "already_loaded", 10, 100, try_number=1, mode="merge",
         inserted=7, updated=3, checksum="10:copy-binary:42",
     )
-    _StateMirror(store, 3, resume_on_clear=False).sync(
+    TaskStateLedger(store, 3, resume_on_clear=False).sync(
         TransferReport(10, 100, "binary", 0.1, [from_ledger]), 2
     )
-    loaded = _StateMirror(store, 3, resume_on_clear=False).loaded(dest)
+    loaded = TaskStateLedger(store, 3, resume_on_clear=False).loaded(dest)
     assert loaded is not None
     assert (loaded.try_number, loaded.inserted, loaded.updated, loaded.checksum) == (
         1, 7, 3, "10:copy-binary:42"
@@ -225,7 +225,7 @@ def test_the_mirror_keeps_what_the_loading_try_measured() -> None:
     old.set("copyman", {"lineage": "l", "max_tries": 3,
                         "destinations": {"pg_a:public.t": {"rows": 10, "bytes": 100,
                                                            "try_number": 1}}})
-    kept = _StateMirror(old, 3, resume_on_clear=False).loaded(dest)
+    kept = TaskStateLedger(old, 3, resume_on_clear=False).loaded(dest)
     assert kept is not None and kept.rows == 10
     assert (kept.inserted, kept.updated, kept.checksum) == (None, None, None)
 

@@ -47,10 +47,9 @@ from airflow_copyman import copyman
 #: Seconds to wait for a connection when the connection sets no ``connect_timeout``
 #: (psycopg's own default is 130 s: two addresses, a 65 s SYN timeout each).
 CONNECT_TIMEOUT = 30
-#: Longest single wait, so that a stop is noticed promptly.
-POLL = 0.1
-#: How long a cancelled statement (or a COMMIT after a stop) may take to end.
-CANCEL_WAIT = 2.0
+#: The waits' limits, named once for the engine and the load layer.
+POLL = copyman.POLL
+CANCEL_WAIT = copyman.CANCEL_WAIT
 
 RV = TypeVar("RV")
 T = TypeVar("T")

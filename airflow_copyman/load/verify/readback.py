@@ -49,7 +49,7 @@ RENDERING = ("TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits",
 
 _SAVEPOINT = sql.Identifier("copyman_readback")
 _COPY_OUT = pq.ExecStatus.COPY_OUT
-_POLL = bounded.POLL
+_POLL = copyman.POLL
 
 
 def render_settings(source: psycopg.Connection[Any]) -> dict[str, str]:
