@@ -110,7 +110,7 @@ def execute(built: LoadRequest, *, quiet: bool, as_json: bool) -> int:
         return exits.USAGE
     display.start()
     try:
-        ran = run_stoppably(transfer)
+        ran = run_stoppably(transfer, display.tick)
     finally:
         display.stop()
     if ran.report is not None and as_json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, TextIO
 from urllib.parse import quote
 
@@ -72,6 +73,9 @@ class Display:
     def start(self) -> None:
         pass
 
+    def tick(self) -> None:
+        """Called by the main thread every few tenths of a second while the load runs."""
+
     def stop(self) -> None:
         pass
 
@@ -89,13 +93,51 @@ class Silent(Display):
 
 
 class Lines(Display):
-    """Not a terminal: the load's log lines, progress every :data:`PLAIN_INTERVAL` s."""
+    """Not a terminal: the load's log lines (its progress every :data:`PLAIN_INTERVAL` s while
+    rows flow), and a line of ours whenever the load has been silent that long (connecting,
+    waiting for a lock, committing), so a reader never waits 5 s for news."""
 
     def __init__(self, secrets: list[str], stream: TextIO | None = None) -> None:
         super().__init__(secrets, stream)
-        handler = logging.StreamHandler(self.stream)
+        handler = _Stamping(self, self.stream)
         handler.setFormatter(Redacting(secrets))
         self.log.addHandler(handler)
+        self.started = self.last_line = time.monotonic()
+        self.latest: load.Progress | None = None
+
+    def wants_progress(self) -> bool:
+        return True
+
+    def on_progress(self, snapshot: load.Progress) -> None:
+        self.latest = snapshot
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_line >= PLAIN_INTERVAL:
+            self.line(f"copyman: still loading after {now - self.started:.0f} s: {self._news()}")
+
+    def line(self, text: str) -> None:
+        super().line(text)
+        self.last_line = time.monotonic()
+
+    def _news(self) -> str:
+        latest = self.latest
+        if latest is None:
+            return "no rows copied yet"
+        states = ", ".join(f"{label} {status}" for label, status in latest.destinations)
+        return f"{latest.rows:,} rows, {size(latest.bytes)} copied; {states}"
+
+
+class _Stamping(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the load's records, and notes when (a line of ours is due only after silence)."""
+
+    def __init__(self, display: Lines, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.display.last_line = time.monotonic()
 
 
 class Bars(Display):
