@@ -52,17 +52,21 @@ def write_loadfile(path: Path, source: str, *destinations: tuple[str, str]) -> s
     return str(path)
 
 
-def test_a_missing_table_refuses_the_whole_load_with_status_1(
+def test_missing_tables_refuse_the_whole_load_with_status_1(
     src: Database, new_db: Callable[[str], Database], tmp_path: Path
 ) -> None:
     dst = new_db("dst")
     dst.execute("CREATE TABLE items (id int)")
     loadfile = write_loadfile(tmp_path / "l.toml", dsn(src), (dsn(dst), "items"),
-                              (dsn(dst), "missing"))
+                              (dsn(dst), "missing"), (dsn(dst), "absent"))
     done = copyman("run", loadfile, "--quiet", password=src.address.password)
     assert done.status == 1
-    [line] = done.stderr.splitlines()
-    assert "refused, nothing was written" in line and 'table "missing" does not exist' in line
+    # One line per problem, each naming its destination.
+    first, second = done.stderr.splitlines()
+    assert first.startswith("copyman: refused, nothing was written: destination #2 (")
+    assert 'table "missing" does not exist' in first
+    assert second.startswith("copyman: refused, nothing was written: destination #3 (")
+    assert 'table "absent" does not exist' in second
     assert dst.scalar("SELECT count(*) FROM items") == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -121,7 +122,8 @@ def execute(built: LoadRequest, *, quiet: bool, as_json: bool) -> int:
 def finish(ran: Ran, display: progress.Display, *, quiet: bool) -> int:
     """One line per failure on stderr; the exit status."""
     if ran.refused is not None:
-        display.line(f"copyman: refused, nothing was written: {_one_line(ran.refused)}")
+        for problem in _problems(ran.refused):
+            display.line(f"copyman: refused, nothing was written: {problem}")
         return exits.FAILED if ran.signum is None else exits.for_signal(ran.signum)
     if ran.error is not None:
         display.line(f"copyman: failed: {type(ran.error).__name__}: {_one_line(ran.error)}")
@@ -151,6 +153,11 @@ def _summary(report: load.TransferReport) -> str:
         counts[result.status] = counts.get(result.status, 0) + 1
     states = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in counts.items())
     return f"copyman: done in {report.seconds:.1f} s: {report.rows} rows; {states}"
+
+
+def _problems(refusal: load.ConfigError) -> list[str]:
+    """Each problem of a refusal (the load joins those it found with "; "), one line each."""
+    return re.split(r"; (?=destination #\d|source )", _one_line(refusal))
 
 
 def _one_line(error: object) -> str:
