@@ -96,7 +96,7 @@ def test_run_loads_every_destination_of_a_load_file_in_its_mode(
     merged.execute("INSERT INTO items VALUES (3, 'old', 0), (7, 'kept', 7)")
     loadfile = tmp_path / "items.toml"
     loadfile.write_text(f"""
-source = "env:SOURCE_DSN"
+source = {{ dsn = "env:SOURCE_DSN", name = "sales" }}
 sql = "SELECT * FROM items WHERE id <= %(top)s"
 parameters = {{ top = "3" }}
 format = "text"
@@ -130,6 +130,7 @@ key = ["id"]
     assert second["conn_id"] == "reporting"
     assert first["conn_id"] == f"{src.address.host}:{src.address.port}/{appended.name}"
     assert (third["inserted"], third["updated"]) == (2, 1)
+    assert "from sales (" in done.stderr  # the source's name, in the load's lines
     assert items(appended) == SOURCE_ROWS
     assert items(replaced, "copy_of_items") == SOURCE_ROWS
     assert items(merged) == [*SOURCE_ROWS, (7, "kept", 7.0)]

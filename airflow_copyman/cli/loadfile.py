@@ -2,7 +2,7 @@
 
 ::
 
-    source = "env:SOURCE_DSN"
+    source = "env:SOURCE_DSN"           # or { dsn = "...", name = "sales" }
     sql = "SELECT * FROM orders WHERE day = %(day)s"
     parameters = { day = "2026-12-07" }
     verify = "checksum"                 # and format, receiver_timeout, lock_timeout,
@@ -64,9 +64,7 @@ def parse(data: Mapping[str, Any], path: str) -> LoadFile:
         raise UsageError(
             f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(TOP_KEYS))})"
         )
-    source, sql = data.get("source"), data.get("sql")
-    if not isinstance(source, str) or not source:
-        raise UsageError(f"{path}: 'source' must be a DSN (a string)")
+    source, sql = _source(data.get("source"), path), data.get("sql")
     if not isinstance(sql, str) or not sql.strip():
         raise UsageError(f"{path}: 'sql' must be a query or a table name")
     load_id = data.get("load_id")
@@ -90,7 +88,7 @@ def parse(data: Mapping[str, Any], path: str) -> LoadFile:
         endpoints.setdefault(name, point)
         destinations.append({**destination, "conn_id": name})
     return LoadFile(
-        source=endpoint(source, f"{path}: source", "source"),
+        source=source,
         sql=sql,
         parameters=data.get("parameters"),
         load_id=load_id,
@@ -98,6 +96,24 @@ def parse(data: Mapping[str, Any], path: str) -> LoadFile:
         destinations=destinations,
         endpoints=endpoints,
     )
+
+
+def _source(value: Any, path: str) -> load.Endpoint:
+    """``source = "DSN"``, or ``source = { dsn = "DSN", name = "sales" }``."""
+    where = f"{path}: source"
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"dsn", "name"})
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: dsn, name)")
+        name = value.get("name", "source")
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"{where}: 'name' must be a non-empty string")
+        value = value.get("dsn")
+    else:
+        name = "source"
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{where}: must be a DSN (a string), or a table with 'dsn' and 'name'")
+    return endpoint(value, where, name)
 
 
 def _destination(entry: Any, where: str) -> tuple[dict[str, Any], load.Endpoint, str]:

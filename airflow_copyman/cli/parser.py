@@ -37,7 +37,7 @@ example:
 RUN_EXAMPLE = """\
 example: copyman run orders.toml --json, with orders.toml:
 
-  source = "env:SALES_DSN"
+  source = "env:SALES_DSN"    # or { dsn = "...", name = "sales" }
   sql = "SELECT * FROM orders WHERE day = %(day)s"
   parameters = { day = "2026-12-07" }
   verify = "checksum"     # also: format, receiver_timeout, lock_timeout, min_rows,
