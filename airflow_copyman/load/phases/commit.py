@@ -36,16 +36,16 @@ class Committing(Verifying, TableLocking):
         # order, so two loads of the same tables never wait on each other in a circle);
         # verify="checksum" then reads what it wrote.
         in_order = sorted(complete, key=lambda t: t.lock_key or 0)
-        finished = [t for t in in_order if self._finish(t, plan)]
+        finished = [t for t in in_order if self._finish(t, plan, copied)]
         # verify="checksum": before the postoperator runs, before the ledger row.
         verified = self._verify(finished, plan, copied)
-        ready = [t for t in verified if self._postoperate(t) and self._record(t)]
+        ready = [t for t in verified if self._postoperate(t) and self._record(t, copied)]
         if self.cancelled:
             for target in ready:
                 self._fail(target, copyman.Cancelled("the task was killed"), "committing")
                 self._rollback(target)
             return
-        self._commit_all(ready)
+        self._commit_all(ready, copied)
 
     def _enough_rows(self, loading: list[Target], copied: CopyOutcome) -> bool:
         """``min_rows``: checked before any destination commits (late data may still
@@ -66,13 +66,11 @@ class Committing(Verifying, TableLocking):
         """The destinations whose COPY count is the source's (the others fail)."""
         complete: list[Target] = []
         for target in loading:
-            receiver = target.receiver
-            assert receiver is not None
             if self.cancelled:
                 self._fail(target, copyman.Cancelled("the task was killed"), "committing")
                 self._rollback(target)
                 continue
-            rows = receiver.server_rows
+            rows = copied.received[target.label][0]
             if rows is None or rows != copied.server_rows:
                 # The engine checked this already; checking again costs nothing, and a
                 # destination is committed only on the servers' own word.
@@ -82,25 +80,26 @@ class Committing(Verifying, TableLocking):
             complete.append(target)
         return complete
 
-    def _record(self, target: Target) -> bool:
+    def _record(self, target: Target, copied: CopyOutcome) -> bool:
         """The ledger row, in the load transaction: False (rolled back) if it fails, or if
         another try of this task loaded the destination meanwhile."""
-        conn, receiver = target.conn, target.receiver
-        assert conn is not None and receiver is not None and receiver.server_rows is not None
+        conn = target.conn
+        assert conn is not None
         if self.ledger is None or target.ledger_schema is None:
             return True
         schema, label = target.ledger_schema, target.table_key
         # Known by now: the checksum (_verify), the merge's counts (_finish).
         mode = target.mode
         extras = Extras(
-            mode.inserted if mode is not None else None,
-            mode.updated if mode is not None else None,
+            mode.inserted,
+            mode.updated,
             target.result.checksum,
         )
         try:
             # Positional: a Ledger subclass may pass them on as *args.
             if self.ledger.record(
-                conn, schema, target.spec.conn_id, label, receiver.server_rows, receiver.bytes,
+                conn, schema, target.spec.conn_id, label, copied.rows_of(target),
+                copied.received[target.label][1],
                 extras, target.ledger_extras,
             ):
                 return True
@@ -119,7 +118,7 @@ class Committing(Verifying, TableLocking):
             self._rollback(target)
             return False
 
-    def _commit_all(self, ready: list[Target]) -> None:
+    def _commit_all(self, ready: list[Target], copied: CopyOutcome) -> None:
         """The COMMITs, sent together and waited for together."""
         conns = [t.conn for t in ready]
         outcomes = bounded.commit_all(
@@ -127,7 +126,7 @@ class Committing(Verifying, TableLocking):
         )
         for target, error in zip(ready, outcomes, strict=True):
             if error is None:
-                self._committed(target)
+                self._committed(target, copied)
                 continue
             self._fail(target, error, "committing")
             if isinstance(error, psycopg.OperationalError):
@@ -138,19 +137,18 @@ class Committing(Verifying, TableLocking):
                 )
             self._rollback(target)
 
-    def _finish(self, target: Target, plan: Plan) -> bool:
+    def _finish(self, target: Target, plan: Plan, copied: CopyOutcome) -> bool:
         """After the COPY, in the load transaction: the mode's end (the merge). False
         (rolled back) if it fails."""
-        conn, mode, receiver = target.conn, target.mode, target.receiver
-        assert conn is not None and mode is not None and receiver is not None
-        assert receiver.server_rows is not None  # a complete COPY
+        conn, mode = target.conn, target.mode
+        assert conn is not None
         doing = f"applying the {mode.name}"
         try:
             if mode.lock_before_finish and not target.locked:
                 doing = "taking the table's load lock"
                 self._lock_table(target, plan.of(target).create)
                 doing = f"applying the {mode.name}"
-            mode.finish(conn, receiver.server_rows)
+            mode.finish(conn, copied.rows_of(target))
         except psycopg.Error as exc:
             self._fail(target, self._lock_failed(target, exc), doing)
             self._rollback(target)
@@ -179,15 +177,13 @@ class Committing(Verifying, TableLocking):
             return False
         return True
 
-    def _committed(self, target: Target) -> None:
-        receiver = target.receiver
-        assert receiver is not None and receiver.server_rows is not None
+    def _committed(self, target: Target, copied: CopyOutcome) -> None:
         result = target.result
         result.status = "loaded"
-        result.rows, result.bytes = receiver.server_rows, receiver.bytes
+        result.rows, result.bytes = copied.rows_of(target), copied.received[target.label][1]
         result.try_number = self.ledger.key.try_number if self.ledger else None
         result.seconds = time.monotonic() - target.started
-        if target.mode is not None and target.mode.name == "merge":
+        if target.mode.name == "merge":
             result.inserted, result.updated = target.mode.inserted, target.mode.updated
         self.log.info("%s: committed %d rows", target.label, result.rows)
         if self.on_commit is not None:

@@ -31,17 +31,19 @@ class Connecting(State):
             where = f"destination #{i + 1} ({spec.conn_id}, table {spec.table})"
             if spec.conn_id not in endpoints:
                 endpoints[spec.conn_id] = self.endpoint_of(spec.conn_id)
-            target = Target(spec, endpoints[spec.conn_id])
-            self.targets.append(target)
+            endpoint = endpoints[spec.conn_id]
             try:
-                target.table = tables.parse_table(spec.table)
-                target.columns = tables.parse_columns(spec.columns, f"table {spec.table}")
-                target.mode = choose.mode_for(spec, target.table, self.log)
-                if target.endpoint.problem is not None:
-                    raise ConfigError(target.endpoint.problem)
+                table = tables.parse_table(spec.table)
+                columns = tables.parse_columns(spec.columns, f"table {spec.table}")
+                mode = choose.mode_for(spec, table, self.log)
+                if endpoint.problem is not None:
+                    raise ConfigError(endpoint.problem)
             except (ConfigError, tables.PlanError) as exc:
                 errors.append(f"{where}: {exc}")
                 continue
+            # Any error above fails the whole load below: the targets are all complete.
+            target = Target(spec, endpoint, table, mode, columns)
+            self.targets.append(target)
             self._endpoint(target.endpoint)
             key = (spec.conn_id, str(target.table))
             if key in seen:
@@ -118,7 +120,7 @@ class Connecting(State):
         unqualified name is resolved through the session's search_path, not guessed."""
         for target in self.targets:
             conn, table = target.conn, target.table
-            if conn is None or conn.closed or table is None:
+            if conn is None or conn.closed:
                 continue
             try:
                 target.result.relation = relation.locate(conn, table)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
@@ -34,6 +34,9 @@ class CopyOutcome:
     completed: bool = False
     bytes: int = 0
     digest: Digest | None = None
+    #: Each destination's COPY, by label: the row count its server reported (None: its
+    #: COPY did not end) and the bytes it was sent.
+    received: Mapping[str, tuple[int | None, int]] = field(default_factory=dict)
 
     @property
     def source_rows(self) -> int | None:
@@ -41,8 +44,29 @@ class CopyOutcome:
         return self.server_rows if self.completed else None
 
     @classmethod
-    def of(cls, producer: copyman.StatementProducer) -> CopyOutcome:
-        return cls(False, producer.server_rows, producer.done, producer.bytes, producer.digest())
+    def of(
+        cls,
+        producer: copyman.StatementProducer,
+        receivers: Mapping[copyman.Receiver, Target],
+    ) -> CopyOutcome:
+        received = {
+            target.label: (
+                receiver.server_rows
+                if isinstance(receiver, copyman.StatementReceiver) else None,
+                receiver.bytes,
+            )
+            for receiver, target in receivers.items()
+        }
+        return cls(
+            False, producer.server_rows, producer.done, producer.bytes, producer.digest(),
+            received,
+        )
+
+    def rows_of(self, target: Target) -> int:
+        """The rows ``target``'s COPY wrote (of a destination whose COPY completed)."""
+        rows = self.received[target.label][0]
+        assert rows is not None, "only complete COPYs are committed"
+        return rows
 
 
 #: A copy that did not run (set up failed, or stopped first).
@@ -58,9 +82,8 @@ class Copying(TableLocking):
         """The load transaction, up to the COPY: create the table, the mode's start
         (TRUNCATE, DELETE, the merge's staging table), the preoperator."""
         conn = target.conn
-        assert conn is not None and target.table is not None
+        assert conn is not None
         mode = target.mode
-        assert mode is not None
         planned = plan.of(target)
         doing = "taking the table's load lock"
         try:
@@ -136,7 +159,7 @@ class Copying(TableLocking):
                     copyman.CopyFail(manager, "the copy did not complete"),
                     "copying",
                 )
-        return CopyOutcome.of(producer)
+        return CopyOutcome.of(producer, receivers)
 
     def _set_up(
         self, plan: Plan, loading: list[Target]
@@ -157,11 +180,10 @@ class Copying(TableLocking):
             )
             receivers: dict[copyman.Receiver, Target] = {}
             for target in loading:
-                assert target.conn is not None and target.mode is not None
+                assert target.conn is not None
                 receiver = copyman.StatementReceiver(
                     target.conn, target.mode.copy_in(plan.format)
                 )
-                target.receiver = receiver
                 receivers[receiver] = target
             # The engine checks the sessions here (the pinned settings make them agree).
             manager = copyman.CopyManager(

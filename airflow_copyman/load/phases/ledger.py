@@ -20,7 +20,7 @@ class LedgerSteps(State):
         assert self.ledger is not None
         skipped = 0
         for target in self._pending():
-            assert target.conn is not None and target.table is not None
+            assert target.conn is not None
             try:
                 schema = self.ledger.schema_for(target.conn, target.table)
                 if schema is None and target.spec.create == "if_missing":
@@ -64,7 +64,7 @@ class LedgerSteps(State):
         assert self.ledger is not None
         errors = []
         for target in self._pending():
-            assert target.conn is not None and target.table is not None
+            assert target.conn is not None
             schema = target.ledger_schema
             try:
                 if schema is None:
@@ -95,7 +95,7 @@ class LedgerSteps(State):
         this lineage loading it now (a zombie) holds the claim until its commit, and its
         ledger row shows then. False if the destination is loaded or failed."""
         conn = target.conn
-        assert conn is not None and target.table is not None
+        assert conn is not None
         try:
             conn.rollback()
             if self.ledger is None or target.ledger_schema is None:

@@ -57,7 +57,7 @@ class TableLocking(State):
         """The table's qualified name as its server resolves it, and its lock key: for a
         table to be created, the schema it will be created in."""
         conn, table = target.conn, target.table
-        assert conn is not None and table is not None
+        assert conn is not None
         target.locked = False
         if new_table:
             schema = create.schema_for(conn, table) or ""
@@ -74,7 +74,7 @@ class TableLocking(State):
         held until this transaction ends. A table to be created that exists by then was
         created by another load meanwhile: transient, a retry loads into it."""
         conn, table = target.conn, target.table
-        assert conn is not None and table is not None and target.lock_key is not None
+        assert conn is not None and target.lock_key is not None
         try:
             conn.execute(*locks.lock(target.lock_key))
         except (psycopg.errors.LockNotAvailable, bounded.StatementTimeout):
@@ -100,7 +100,7 @@ class TableLocking(State):
         ``lock_timeout`` is spent: a TRUNCATE queued behind a long reader would block every
         new reader of the table while it waits; between tries they go on."""
         conn, table = target.conn, target.table
-        assert conn is not None and table is not None
+        assert conn is not None
         budget = self._lock_wait
         deadline = time.monotonic() + budget
         statement = locks.lock_table(table.identifier, "ACCESS EXCLUSIVE")
@@ -132,9 +132,9 @@ class TableLocking(State):
         """A statement of the load transaction timed out on a lock (55P03): the error
         naming the table, the lock its mode takes and the sessions in the way; anything
         else as it was."""
-        if not isinstance(exc, psycopg.errors.LockNotAvailable) or target.table is None:
+        if not isinstance(exc, psycopg.errors.LockNotAvailable):
             return exc
-        mode = target.mode.lock_mode if target.mode is not None else "ROW EXCLUSIVE"
+        mode = target.mode.lock_mode
         self._rollback(target)
         return self._timed_out(
             target,

@@ -138,7 +138,7 @@ class Planning(State):
         """One destination's plan; None where it cannot load (the reason is in ``errors``
         when permanent, else the destination failed)."""
         conn = target.conn
-        assert conn is not None and target.table is not None
+        assert conn is not None
         where = self._where(i, target)
         try:
             found = self._plan_target(target, source_columns, where)
@@ -228,7 +228,7 @@ class Planning(State):
         """Describe the destination's columns for the source's, or say why it cannot load
         them."""
         conn, table, mode = target.conn, target.table, target.mode
-        assert conn is not None and table is not None and mode is not None
+        assert conn is not None
         found = tables.table_names(conn, table)
         if found is None:
             if target.spec.create != "if_missing":
@@ -260,7 +260,7 @@ class Planning(State):
         """The table is missing and may be created: its columns are the source's (named
         as ``columns`` says, where given), with their exact types."""
         conn, table, mode = target.conn, target.table, target.mode
-        assert conn is not None and table is not None and mode is not None
+        assert conn is not None
         problem = create.check(conn, table)
         if problem is not None:
             return problem
@@ -296,7 +296,7 @@ class Planning(State):
         found = []
         for i, target in enumerate(self.targets):
             conn = target.conn
-            if conn is None or conn.closed or target.table is None:
+            if conn is None or conn.closed:
                 continue
             label = f"destination #{i + 1} ({target.spec.conn_id}, table {target.spec.table})"
             try:

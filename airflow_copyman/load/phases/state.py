@@ -28,16 +28,23 @@ from airflow_copyman.load.verify.checksum import Checksum, ColumnRendering
 class Target:
     """One destination during a transfer."""
 
-    def __init__(self, spec: Destination, endpoint: Endpoint) -> None:
+    def __init__(
+        self,
+        spec: Destination,
+        endpoint: Endpoint,
+        table: tables.TableName,
+        mode: Mode,
+        columns: list[str] | None,
+    ) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.result = DestinationResult(spec.conn_id, spec.table, mode=spec.mode)
-        #: How its rows land (set once the table name is parsed).
-        self.mode: Mode | None = None
-        self.table: tables.TableName | None = None
-        self.columns: list[str] | None = None
+        #: The table as parsed from the destination's name, and how its rows land.
+        self.table = table
+        self.mode = mode
+        #: The columns the destination names (None: the source's, paired by name).
+        self.columns = columns
         self.conn: psycopg.Connection[Any] | None = None
-        self.receiver: copyman.StatementReceiver | None = None
         self.started = 0.0
         #: The schema of its ledger table (once known).
         self.ledger_schema: str | None = None

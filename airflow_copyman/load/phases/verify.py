@@ -72,7 +72,7 @@ class Verifying(State):
         written = []
         for target in targets:
             conn, mode = target.conn, target.mode
-            assert conn is not None and mode is not None and target.renderings is not None
+            assert conn is not None and target.renderings is not None
             relation, where = mode.written(conn)
             written.append(
                 checksum.Written(
@@ -142,7 +142,7 @@ def _read(
     target: Target, fmt: str, names: list[str]
 ) -> tuple[psycopg.Connection[Any], sql.Composed]:
     conn, mode = target.conn, target.mode
-    assert conn is not None and mode is not None
+    assert conn is not None
     relation, where = mode.written(conn)
     return conn, readback.query(conn, relation, names, where, fmt)
 
@@ -155,7 +155,7 @@ def take_renderings(target: Target, planned: DestinationPlan) -> None:
     """In the load transaction, once the table exists (create="if_missing" created it):
     how each column the COPY fills is rendered for the checksum."""
     conn, table = target.conn, target.table
-    assert conn is not None and table is not None
+    assert conn is not None
     target.renderings = checksum.destination_renderings(conn, table.identifier, planned.names)
 
 
@@ -165,7 +165,7 @@ def take_baseline(state: State, target: Target, plan: Plan) -> None:
     the same way. A merge's scope is the target's rows whose key was staged, read after the
     merge applied them: nothing to subtract."""
     conn, mode = target.conn, target.mode
-    assert conn is not None and mode is not None
+    assert conn is not None
     if mode.name == "merge":
         return
     names, fmt = plan.of(target).names, plan.format
