@@ -69,6 +69,7 @@ from airflow_copyman.load.spec import (
     Status,
     TooFewRowsError,
     TransferReport,
+    Verification,
     destinations_from,
 )
 from airflow_copyman.load.transfer import Endpoints, Transfer
@@ -110,6 +111,7 @@ __all__ = [
     "TooFewRowsError",
     "Transfer",
     "TransferReport",
+    "Verification",
     "application_name_for",
     "check_ledger_schema",
     "check_sql",

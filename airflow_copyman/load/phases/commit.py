@@ -19,6 +19,7 @@ from airflow_copyman.load.phases.verify import Verifying
 from airflow_copyman.load.spec import (
     LoadError,
     TooFewRowsError,
+    Verification,
 )
 
 
@@ -185,6 +186,11 @@ class Committing(Verifying, TableLocking):
         result.seconds = time.monotonic() - target.started
         if target.mode.name == "merge":
             result.inserted, result.updated = target.mode.inserted, target.mode.updated
+        # Committed only once its count (and checksum) matched the source's.
+        result.verification = Verification(
+            True, copied.server_rows, copied.received[target.label][0],
+            result.checksum, result.checksum,
+        )
         self.log.info("%s: committed %d rows", target.label, result.rows)
         if self.on_commit is not None:
             try:
@@ -202,7 +208,8 @@ def _count_error(target: Target, rows: int | None, source_rows: int | None) -> B
     if rows is not None:
         return copyman.RowCountMismatch(
             f"{target.label}: the destination's COPY reports {rows} rows, the source's "
-            f"{source_rows}"
+            f"{source_rows}",
+            rows=rows, source_rows=source_rows,
         )
     # No COPY result at all: say what the server last said, if anything.
     conn = target.conn

@@ -21,8 +21,9 @@ from airflow_copyman.load.spec import (
     Destination,
     DestinationResult,
     Progress,
+    Verification,
 )
-from airflow_copyman.load.verify.checksum import Checksum, ColumnRendering
+from airflow_copyman.load.verify.checksum import Checksum, ChecksumMismatch, ColumnRendering
 
 
 class Target:
@@ -152,6 +153,7 @@ class State:
         result.error = f"{doing}: {classify.describe(exc, self.secrets)}"
         result.permanent = classify.is_permanent(exc)
         result.rows = result.bytes = None
+        result.verification = failed_verification(exc)
         self.log.warning(
             "%s failed (%s): %s",
             target.label,
@@ -171,6 +173,10 @@ class State:
         # replaces whatever this try measured before it found the row.
         result.inserted, result.updated = entry.inserted, entry.updated
         result.checksum = entry.checksum
+        # Verified by the try that loaded it, against the rows that try read.
+        result.verification = Verification(
+            True, entry.rows, entry.rows, entry.checksum, entry.checksum
+        )
         self.log.info(
             "%s: already loaded by try %d (%d rows): skipped",
             target.label,
@@ -186,6 +192,18 @@ class State:
             except Exception:
                 with contextlib.suppress(Exception):
                     conn.close()
+
+
+def failed_verification(exc: BaseException) -> Verification | None:
+    """The comparison that failed a destination, if its failure is one (else None: the
+    rows were not compared)."""
+    if isinstance(exc, ChecksumMismatch):
+        return Verification(
+            False, exc.source.rows, exc.destination.rows, exc.source.text, exc.destination.text
+        )
+    if isinstance(exc, copyman.RowCountMismatch) and exc.rows is not None:
+        return Verification(False, exc.source_rows, exc.rows)
+    return None
 
 
 def size(nbytes: float) -> str:
