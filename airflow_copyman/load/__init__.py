@@ -42,6 +42,7 @@ from airflow_copyman.load.connection.endpoint import (
 )
 from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
 from airflow_copyman.load.connection.locks import application_name_for
+from airflow_copyman.load.ledger.protocol import LoadLedger, Slot
 from airflow_copyman.load.ledger.table import Entry, Extras, Ledger, TaskKey, ledger_rows
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
@@ -93,6 +94,7 @@ __all__ = [
     "Extras",
     "Ledger",
     "LoadError",
+    "LoadLedger",
     "LoadMode",
     "LoadOptions",
     "Merge",
@@ -104,6 +106,7 @@ __all__ = [
     "Progress",
     "Relation",
     "Replace",
+    "Slot",
     "Source",
     "Status",
     "TableName",
@@ -136,7 +139,7 @@ def run(
     endpoints: Endpoints,
     parameters: Params | None = None,
     format: str | None = None,
-    ledger: Ledger | None = None,
+    ledger: LoadLedger | None = None,
     on_commit: Callable[[DestinationResult], None] | None = None,
     progress_interval: float = 5.0,
     receiver_timeout: float = RECEIVER_TIMEOUT,

@@ -22,7 +22,8 @@ from airflow_copyman.load import options as checks
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded
 from airflow_copyman.load.connection.endpoint import Endpoint
-from airflow_copyman.load.ledger.table import Entry, Ledger
+from airflow_copyman.load.ledger.protocol import LoadLedger
+from airflow_copyman.load.ledger.table import Ledger
 from airflow_copyman.load.options import LOCK_TIMEOUT, PROGRESS_INTERVAL, LoadOptions
 from airflow_copyman.load.phases.commit import Committing
 from airflow_copyman.load.phases.connect import Connecting
@@ -55,9 +56,8 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         endpoints: Endpoints,
         parameters: tables.Params | None = None,
         format: str | None = None,
-        ledger: Ledger | None = None,
+        ledger: LoadLedger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
-        loaded_before: Callable[[DestinationResult], Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         lock_timeout: float = LOCK_TIMEOUT,
@@ -89,7 +89,7 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
                 raise checks.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
                 )
-            if ledger is not None:
+            if isinstance(ledger, Ledger):
                 checks.ledger_schema(ledger.schema)
         except checks.ArgumentError as exc:
             raise ConfigError(f"{exc}") from None
@@ -105,7 +105,6 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         self.bounds = bounded.Bounds(options.receiver_timeout)
         self.ledger = ledger
         self.on_commit = on_commit
-        self.loaded_before = loaded_before
         self.progress_interval = options.progress_interval
         self.on_progress = options.on_progress
         self.receiver_timeout = options.receiver_timeout
@@ -132,16 +131,17 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         plan: Plan | None = None
         outcome = NO_COPY
         try:
-            self._connect()
-            self._locate()
+            if self.ledger is not None:
+                self._check_recorded(self.ledger)
+            if self._go_on():
+                self._connect()
+                self._locate()
             if self.ledger is not None and self._go_on():
-                self._check_ledger()
-            elif self.loaded_before is not None and self._go_on():
-                self._check_loaded_before()
+                self._check_ledger(self.ledger)
             if self._go_on():
                 plan = self._plan()
             if plan is not None and self.ledger is not None and self._go_on():
-                self._prepare_ledger(plan)
+                self._prepare_ledger(self.ledger)
             if plan is not None and self._go_on():
                 outcome = self._load(plan)
         except copyman.Cancelled as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -12,11 +13,13 @@ from airflow_copyman import copyman
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.ledger.table import Extras
 from airflow_copyman.load.phases.copy import CopyOutcome
+from airflow_copyman.load.phases.ledger import slot
 from airflow_copyman.load.phases.locks import TableLocking
 from airflow_copyman.load.phases.plan import Plan
 from airflow_copyman.load.phases.state import Target
 from airflow_copyman.load.phases.verify import Verifying
 from airflow_copyman.load.spec import (
+    DestinationResult,
     LoadError,
     TooFewRowsError,
     Verification,
@@ -86,38 +89,28 @@ class Committing(Verifying, TableLocking):
         another try of this task loaded the destination meanwhile."""
         conn = target.conn
         assert conn is not None
-        if self.ledger is None or target.ledger_schema is None:
+        if self.ledger is None:
             return True
-        schema, label = target.ledger_schema, target.table_key
         # Known by now: the checksum (_verify), the merge's counts (_finish).
-        mode = target.mode
-        extras = Extras(
-            mode.inserted,
-            mode.updated,
-            target.result.checksum,
-        )
+        extras = Extras(target.mode.inserted, target.mode.updated, target.result.checksum)
         try:
-            # Positional: a Ledger subclass may pass them on as *args.
-            if self.ledger.record(
-                conn, schema, target.spec.conn_id, label, copied.rows_of(target),
-                copied.received[target.label][1],
-                extras, target.ledger_extras,
-            ):
-                return True
-            conn.rollback()
-            entry = self.ledger.lookup(conn, schema, target.spec.conn_id, label, str(target.table))
-            self.log.warning(
-                "%s: another try of this task loaded it meanwhile; rolled back this copy",
-                target.label,
+            entry = self.ledger.record_load(
+                conn, slot(target), copied.rows_of(target), copied.received[target.label][1],
+                extras,
             )
-            if entry is not None:
-                self._already_loaded(target, entry)
-                return False
-            raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
         except (copyman.Cancelled, psycopg.Error) as exc:
             self._fail(target, exc, "committing")
             self._rollback(target)
             return False
+        if entry is None:
+            return True
+        self.log.warning(
+            "%s: another try of this task loaded it meanwhile; rolled back this copy",
+            target.label,
+        )
+        self._rollback(target)
+        self._already_loaded(target, entry)
+        return False
 
     def _commit_all(self, ready: list[Target], copied: CopyOutcome) -> None:
         """The COMMITs, sent together and waited for together."""
@@ -133,7 +126,7 @@ class Committing(Verifying, TableLocking):
             if isinstance(error, psycopg.OperationalError):
                 target.result.error = (target.result.error or "") + (
                     " (the commit's outcome is unknown; the next try reads the ledger)"
-                    if self.ledger is not None
+                    if self.ledger is not None and self.ledger.atomic
                     else " (the commit's outcome is unknown)"
                 )
             self._rollback(target)
@@ -182,7 +175,7 @@ class Committing(Verifying, TableLocking):
         result = target.result
         result.status = "loaded"
         result.rows, result.bytes = copied.rows_of(target), copied.received[target.label][1]
-        result.try_number = self.ledger.key.try_number if self.ledger else None
+        result.try_number = self.ledger.try_number if self.ledger else None
         result.seconds = time.monotonic() - target.started
         if target.mode.name == "merge":
             result.inserted, result.updated = target.mode.inserted, target.mode.updated
@@ -192,9 +185,9 @@ class Committing(Verifying, TableLocking):
             result.checksum, result.checksum,
         )
         self.log.info("%s: committed %d rows", target.label, result.rows)
-        if self.on_commit is not None:
+        for record in self._after_commit():
             try:
-                self.on_commit(result)
+                record(result)
             except Exception as exc:
                 # The ledger (if any) holds the truth; the callback only mirrors it.
                 self.log.warning(
@@ -202,6 +195,13 @@ class Committing(Verifying, TableLocking):
                     target.label,
                     classify.describe(exc, self.secrets),
                 )
+
+
+    def _after_commit(self) -> list[Callable[[DestinationResult], None]]:
+        """Who hears of a commit: the ledger (one that records after the commit), then
+        ``on_commit``."""
+        found = [self.ledger.committed] if self.ledger is not None else []
+        return found + ([self.on_commit] if self.on_commit is not None else [])
 
 
 def _count_error(target: Target, rows: int | None, source_rows: int | None) -> BaseException:

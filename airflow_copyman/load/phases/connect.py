@@ -64,13 +64,15 @@ class Connecting(State):
         bad input, one that may come back fails its side."""
         errors = []
         source_error: BaseException | None = None
-        ends = [self.origin, *(t.endpoint for t in self.targets)]
+        # Not those an earlier try's record showed loaded before connecting.
+        targets = self._pending()
+        ends = [self.origin, *(t.endpoint for t in targets)]
         results = bounded.connect_all([e.connect for e in ends], self.bounds.stop)
         src_result, *target_results = results
         if not isinstance(src_result, BaseException):
             self.src = self._bind(src_result)
             readonly.begin(self.src)
-        for target, result in zip(self.targets, target_results, strict=True):
+        for target, result in zip(targets, target_results, strict=True):
             if not isinstance(result, BaseException):
                 target.conn = self._bind(result)
         for result in results:
@@ -84,7 +86,8 @@ class Connecting(State):
             if classify.is_permanent(src_result):
                 errors.append(f"source {self.origin.describe()}: {classify.describe(src_result)}")
             source_error = src_result
-        for i, (target, result) in enumerate(zip(self.targets, target_results, strict=True)):
+        for target, result in zip(targets, target_results, strict=True):
+            i = self.targets.index(target)
             if isinstance(result, BaseException):
                 if classify.is_permanent(result):
                     errors.append(

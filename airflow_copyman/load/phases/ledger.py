@@ -7,37 +7,33 @@ import psycopg
 
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded, classify
-from airflow_copyman.load.modes import create
-from airflow_copyman.load.phases.plan import Plan
+from airflow_copyman.load.ledger.protocol import LoadLedger, Slot
 from airflow_copyman.load.phases.state import State, Target
 from airflow_copyman.load.spec import ConfigError
 
 
 class LedgerSteps(State):
-    """Reading the ledger, creating its table, claiming each load."""
+    """Asking the ledger which destinations are loaded, preparing it, claiming each load."""
 
-    def _check_ledger(self) -> None:
-        assert self.ledger is not None
-        skipped = 0
+    def _check_recorded(self, ledger: LoadLedger) -> None:
+        """Before connecting: what an earlier try recorded by the destination as spelled
+        (the task_state_store record; the table ledger knows nothing yet)."""
         for target in self._pending():
-            assert target.conn is not None
+            entry = ledger.recorded(target.spec)
+            if entry is not None:
+                self._already_loaded(target, entry)
+
+    def _check_ledger(self, ledger: LoadLedger) -> None:
+        """Connected: skip what an earlier try loaded, asked by the table as its server
+        resolved it (a try that spelled it otherwise loaded it)."""
+        skipped = 0
+        for target, conn in self._connected():
             try:
-                schema = self.ledger.schema_for(target.conn, target.table)
-                if schema is None and target.spec.create == "if_missing":
-                    schema = create.schema_for(target.conn, target.table)
-                target.ledger_schema = schema
-                entry = None
-                if schema is not None:
-                    entry = self.ledger.lookup(
-                        target.conn, schema, target.spec.conn_id, target.table_key,
-                        str(target.table),
-                    )
-                else:
-                    target.conn.rollback()
+                entry = ledger.loaded_already(conn, slot(target))
             except psycopg.Error as exc:
                 if classify.is_permanent(exc):
                     raise self._config_error(
-                        target, exc, f"reading the ledger {self.ledger.name}"
+                        target, exc, f"reading the ledger {ledger.name}"
                     ) from exc
                 self._fail(target, exc, "reading the ledger")
                 continue
@@ -46,47 +42,20 @@ class LedgerSteps(State):
                 skipped += 1
         self.log.info(
             "Ledger %s: %d destination(s) already loaded (skipped), %d to load",
-            self.ledger.name,
+            ledger.name,
             skipped,
             len(self._pending()),
         )
 
-    def _check_loaded_before(self) -> None:
-        """Without a ledger: skip what an earlier try recorded elsewhere, asked by the table
-        as its server resolved it (a try that spelled it otherwise loaded it)."""
-        assert self.loaded_before is not None
-        for target in self._pending():
-            entry = self.loaded_before(target.result)
-            if entry is not None:
-                self._already_loaded(target, entry)
-
-    def _prepare_ledger(self, plan: Plan) -> None:
-        assert self.ledger is not None
+    def _prepare_ledger(self, ledger: LoadLedger) -> None:
         errors = []
-        for target in self._pending():
-            assert target.conn is not None
-            schema = target.ledger_schema
+        for target, conn in self._connected():
             try:
-                if schema is None:
-                    schema = self.ledger.schema_for(target.conn, target.table)
-                    if schema is None and plan.of(target).create:
-                        schema = create.schema_for(target.conn, target.table)
-                    target.ledger_schema = schema
-                if schema is None:  # pragma: no cover - planning found the table
-                    raise tables.PlanError(f"table {target.table} does not exist")
-                target.ledger_extras = self.ledger.ensure_table(target.conn, schema)
+                ledger.prepare(conn, slot(target))
             except tables.PlanError as exc:
                 errors.append(f"{target.label}: {exc}")
             except psycopg.Error as exc:
-                if classify.is_permanent(exc):
-                    errors.append(
-                        f"{target.spec.conn_id}: cannot create the ledger table "
-                        f"{self.ledger.name_in(schema or '?')} ({classify.describe(exc)}); "
-                        "set ledger_schema to a schema the connection may write, or "
-                        "ledger=False to keep no ledger"
-                    )
-                else:
-                    self._fail(target, exc, "creating the ledger table")
+                self._fail(target, exc, "creating the ledger table")
         if errors:
             raise ConfigError(self._redact("; ".join(errors)))
 
@@ -95,18 +64,13 @@ class LedgerSteps(State):
         this lineage loading it now (a zombie) holds the claim until its commit, and its
         ledger row shows then. False if the destination is loaded or failed."""
         conn = target.conn
-        assert conn is not None
+        if conn is None:
+            return False
         try:
             conn.rollback()
-            if self.ledger is None or target.ledger_schema is None:
-                return True
-            # Keyed by the table the server resolved: a try spelling it otherwise is
-            # waited for and found all the same.
-            self.ledger.claim(conn, target.spec.conn_id, target.table_key)
-            entry = self.ledger.read(
-                conn, target.ledger_schema, target.spec.conn_id, target.table_key,
-                str(target.table),
-            )
+            entry = None
+            if self.ledger is not None:
+                entry = self.ledger.claim_load(conn, slot(target))
         except psycopg.Error as exc:
             doing = "claiming the load"
             if isinstance(exc, bounded.StatementTimeout):
@@ -119,3 +83,10 @@ class LedgerSteps(State):
             self._already_loaded(target, entry)
             return False
         return True
+
+
+def slot(target: Target) -> Slot:
+    """``target`` as the ledger knows it."""
+    return Slot(
+        target.spec.conn_id, target.table, target.table_key, target.spec.create == "if_missing"
+    )

@@ -14,7 +14,8 @@ from airflow_copyman import copyman
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.connection.endpoint import Endpoint
-from airflow_copyman.load.ledger.table import Entry, Ledger
+from airflow_copyman.load.ledger.protocol import LoadLedger
+from airflow_copyman.load.ledger.table import Entry
 from airflow_copyman.load.modes.base import Mode
 from airflow_copyman.load.spec import (
     ConfigError,
@@ -47,10 +48,6 @@ class Target:
         self.columns = columns
         self.conn: psycopg.Connection[Any] | None = None
         self.started = 0.0
-        #: The schema of its ledger table (once known).
-        self.ledger_schema: str | None = None
-        #: Whether that ledger table has the columns of the load's extras (None: unknown).
-        self.ledger_extras: bool | None = None
         #: verify="checksum": how its columns are rendered, and what its scope held
         #: before the COPY (rows a preoperator wrote).
         self.renderings: list[ColumnRendering] | None = None
@@ -94,11 +91,9 @@ class State:
     specs: list[Destination]
     parameters: tables.Params | None
     bounds: bounded.Bounds
-    ledger: Ledger | None
+    #: Which destinations are loaded already, and the record of each load.
+    ledger: LoadLedger | None
     on_commit: Callable[[DestinationResult], None] | None
-    #: Without a ledger: an earlier try's record of a destination (the operator's
-    #: task_state_store), asked once its table is resolved (``result.relation``).
-    loaded_before: Callable[[DestinationResult], Entry | None] | None
     progress_interval: float
     #: Called with the load's progress (see :class:`~airflow_copyman.load.Progress`).
     on_progress: Callable[[Progress], None] | None
@@ -137,6 +132,11 @@ class State:
     def _pending(self) -> list[Target]:
         return [t for t in self.targets if t.pending]
 
+    def _connected(self) -> list[tuple[Target, psycopg.Connection[Any]]]:
+        """The pending destinations with their connections (a destination that could not
+        connect failed)."""
+        return [(t, t.conn) for t in self.targets if t.pending and t.conn is not None]
+
     def _redact(self, text: str) -> str:
         return classify.redact(text, self.secrets)
 
@@ -173,6 +173,8 @@ class State:
         # replaces whatever this try measured before it found the row.
         result.inserted, result.updated = entry.inserted, entry.updated
         result.checksum = entry.checksum
+        if entry.relation is not None and result.relation is None:
+            result.relation = entry.relation
         # Verified by the try that loaded it, against the rows that try read.
         result.verification = Verification(
             True, entry.rows, entry.rows, entry.checksum, entry.checksum
