@@ -1,11 +1,20 @@
-"""The state of one load, shared by its phases: its destinations (:class:`Target`), and
-the bookkeeping every phase does (a destination failed, loaded already, rolled back)."""
+"""What every phase of a load is handed: the load's settings and bookkeeping (:class:`Run`),
+its destinations (:class:`Target`, each with the result the phases fill in), and a
+destination once connected (:class:`Session`).
+
+The phases are functions: each takes what it needs and returns what it found. A
+:class:`Run` is made once, after the destinations are resolved, and no phase sets a field
+of it; what a phase finds (the connections, the plan, the open load transactions, the
+copy's outcome) is its return value, handed to the next one by
+:class:`~airflow_copyman.load.transfer.Transfer`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -17,6 +26,7 @@ from airflow_copyman.load.connection.endpoint import Endpoint
 from airflow_copyman.load.ledger.protocol import LoadLedger
 from airflow_copyman.load.ledger.table import Entry
 from airflow_copyman.load.modes.base import Mode
+from airflow_copyman.load.options import LoadOptions
 from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
@@ -24,11 +34,11 @@ from airflow_copyman.load.spec import (
     Progress,
     Verification,
 )
-from airflow_copyman.load.verify.checksum import Checksum, ChecksumMismatch, ColumnRendering
+from airflow_copyman.load.verify.checksum import ChecksumMismatch
 
 
 class Target:
-    """One destination during a transfer."""
+    """One destination during a load: what it names, and its result as the phases fill it."""
 
     def __init__(
         self,
@@ -46,17 +56,6 @@ class Target:
         self.mode = mode
         #: The columns the destination names (None: the source's, paired by name).
         self.columns = columns
-        self.conn: psycopg.Connection[Any] | None = None
-        self.started = 0.0
-        #: verify="checksum": how its columns are rendered, and what its scope held
-        #: before the COPY (rows a preoperator wrote).
-        self.renderings: list[ColumnRendering] | None = None
-        self.baseline: Checksum | None = None
-        #: The table as its server resolves it, the advisory key of its loads, and whether
-        #: this load transaction holds that lock (:mod:`airflow_copyman.load.connection.locks`).
-        self.lock_name: str | None = None
-        self.lock_key: int | None = None
-        self.locked = False
 
     @property
     def pending(self) -> bool:
@@ -76,76 +75,84 @@ class Target:
         return str(self.table)
 
 
-class State:
-    """What every phase of a load reads and writes, and its bookkeeping."""
+@dataclass(frozen=True)
+class Session:
+    """A destination connected: its target and its connection."""
 
-    # Set by Transfer.__init__ (see there); declared here for the phases.
+    target: Target
+    conn: psycopg.Connection[Any]
+
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+
+@dataclass(frozen=True)
+class Run:
+    """One load's settings, and the bookkeeping every phase does (a destination failed,
+    loaded already, rolled back)."""
+
     origin: Endpoint
+    source: tables.Source
     log: logging.Logger | logging.LoggerAdapter[Any]
-    sql: str
-    endpoint_of: Callable[[str], Endpoint]
-    min_rows: int
-    max_bytes_per_second: float | None
-    verify: str
+    options: LoadOptions
     requested_format: tables.Format | None
-    specs: list[Destination]
-    parameters: tables.Params | None
+    #: The deadline of every statement, and the flag that stops the load.
     bounds: bounded.Bounds
     #: Which destinations are loaded already, and the record of each load.
     ledger: LoadLedger | None
     on_commit: Callable[[DestinationResult], None] | None
-    progress_interval: float
-    #: Called with the load's progress (see :class:`~airflow_copyman.load.Progress`).
-    on_progress: Callable[[Progress], None] | None
-    #: When :meth:`Transfer.run` began (``time.monotonic()``).
-    started: float
-    receiver_timeout: float
     targets: list[Target]
-    src: psycopg.Connection[Any] | None
-    manager: copyman.CopyManager | None
-    cancelled: bool
-    interrupt: BaseException | None
+    #: Every endpoint's secrets, kept out of errors and logs.
     secrets: list[str]
-    endpoints: dict[str, tuple[str, str]]
-    source: tables.Source
-    #: verify="checksum": the source session's settings a text read-back renders with.
-    rendering: dict[str, str] | None
+    #: When the load began (``time.monotonic()``).
+    started: float
 
-    def _tell_progress(self, progress: Progress) -> None:
-        """Hand ``progress`` to ``on_progress``: a display that fails does not fail the load."""
-        if self.on_progress is None:
-            return
-        try:
-            self.on_progress(progress)
-        except Exception as exc:
-            self.log.warning("on_progress failed: %s", classify.describe(exc, self.secrets))
+    @property
+    def stopped(self) -> bool:
+        """Whether the load was asked to stop (:meth:`Transfer.cancel`)."""
+        return self.bounds.stop.is_set()
 
-    def _go_on(self) -> bool:
-        return not self.cancelled and any(t.pending for t in self.targets)
+    @property
+    def verify(self) -> str:
+        return self.options.verify
 
-    def _bind(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-        """Put the connection's statements under this transfer's deadline and stop."""
+    @property
+    def lock_wait(self) -> float:
+        """Seconds any one lock wait of a load transaction may last: never longer than a
+        statement may wait at all (the server's lock_timeout then ends the wait first, and
+        says it was a lock)."""
+        return min(self.options.lock_timeout, self.options.receiver_timeout)
+
+    def pending(self) -> list[Target]:
+        return [t for t in self.targets if t.pending]
+
+    def go_on(self) -> bool:
+        return not self.stopped and any(t.pending for t in self.targets)
+
+    def bind(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        """Put the connection's statements under this load's deadline and stop."""
         if isinstance(conn, bounded.BoundedConnection):
             conn.bounds = self.bounds
         return conn
 
-    def _pending(self) -> list[Target]:
-        return [t for t in self.targets if t.pending]
-
-    def _connected(self) -> list[tuple[Target, psycopg.Connection[Any]]]:
-        """The pending destinations with their connections (a destination that could not
-        connect failed)."""
-        return [(t, t.conn) for t in self.targets if t.pending and t.conn is not None]
-
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
         return classify.redact(text, self.secrets)
 
-    def _config_error(self, target: Target, exc: BaseException, doing: str) -> ConfigError:
-        return ConfigError(
-            self._redact(f"{target.label}: {doing}: {classify.describe(exc)}")
-        )
+    def config_error(self, target: Target, exc: BaseException, doing: str) -> ConfigError:
+        return ConfigError(self.redact(f"{target.label}: {doing}: {classify.describe(exc)}"))
 
-    def _fail(self, target: Target, exc: BaseException, doing: str) -> None:
+    def tell_progress(self, progress: Progress) -> None:
+        """Hand ``progress`` to ``on_progress``: a display that fails does not fail the load."""
+        on_progress = self.options.on_progress
+        if on_progress is None:
+            return
+        try:
+            on_progress(progress)
+        except Exception as exc:
+            self.log.warning("on_progress failed: %s", classify.describe(exc, self.secrets))
+
+    def fail(self, target: Target, exc: BaseException, doing: str) -> None:
         result = target.result
         if result.status == "failed":
             return
@@ -161,11 +168,16 @@ class State:
             result.error,
         )
 
-    def _source_failed(self, exc: BaseException, doing: str) -> None:
-        for target in self._pending():
-            self._fail(target, exc, f"source {self.origin.name}: {doing}")
+    def source_failed(self, exc: BaseException, doing: str) -> None:
+        for target in self.pending():
+            self.fail(target, exc, f"source {self.origin.name}: {doing}")
 
-    def _already_loaded(self, target: Target, entry: Entry) -> None:
+    def stop_all(self, exc: BaseException, doing: str) -> None:
+        """Fail every destination still pending with ``exc``."""
+        for target in self.pending():
+            self.fail(target, exc, doing)
+
+    def already_loaded(self, target: Target, entry: Entry) -> None:
         result = target.result
         result.status = "already_loaded"
         result.rows, result.bytes, result.try_number = entry.rows, entry.bytes, entry.try_number
@@ -186,14 +198,21 @@ class State:
             entry.rows,
         )
 
-    def _rollback(self, target: Target) -> None:
-        conn = target.conn
-        if conn is not None and not conn.closed:
-            try:
-                conn.rollback()
-            except Exception:
-                with contextlib.suppress(Exception):
-                    conn.close()
+    def drop(self, session: Session, exc: BaseException, doing: str) -> None:
+        """Fail ``session``'s destination and roll its transaction back."""
+        self.fail(session.target, exc, doing)
+        rollback(session.conn)
+
+
+def rollback(conn: psycopg.Connection[Any]) -> None:
+    """Roll back (a connection that cannot is closed)."""
+    if conn.closed:
+        return
+    try:
+        conn.rollback()
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def failed_verification(exc: BaseException) -> Verification | None:
