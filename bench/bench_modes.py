@@ -46,6 +46,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_copy import COLUMNS, LOAD_SQL  # noqa: E402
 
+if os.environ.get("BENCH_TREE", str(REPO)) != str(REPO):
+    # bench_copy put this tree first: a baseline worker imports its own tree instead.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+
 from airflow_copyman import load  # noqa: E402
 from airflow_copyman.testing.servers import ServerPool, create_database  # noqa: E402
 
@@ -171,7 +175,9 @@ def compare(args: argparse.Namespace) -> int:
             times = {(case, name): [] for case in CASES for name in trees}
             for i in range(args.repeat):
                 for case in CASES:
-                    for name, tree in trees.items():
+                    # Each round in the other order: neither tree always goes first.
+                    order = list(trees.items())
+                    for name, tree in order if i % 2 == 0 else order[::-1]:
                         prepare(dst_info, case, args.rows)
                         seconds = run_in_worker(tree, src_info, dst_info, case)
                         times[(case, name)].append(seconds)
