@@ -9,8 +9,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
+
 from airflow_copyman._destinations import Destination, DestinationResult, TransferReport
-from airflow_copyman.load import Entry, Relation
+from airflow_copyman.load import Entry, Extras, Relation, Slot
 
 __all__ = ["STATE_KEY", "TaskStateLedger"]
 
@@ -20,9 +22,10 @@ STATE_KEY = "copyman"
 
 class TaskStateLedger:
     """The task's ``task_state_store`` record: the lineage, and what it loaded; without the
-    table ledger (``ledger=False``), the record that says which destinations are loaded
-    already (:meth:`skip_loaded` before connecting, :meth:`loaded_as` once the table is
-    resolved, :meth:`committed` after each commit).
+    table ledger (``ledger=False``), the load's ledger
+    (:class:`~airflow_copyman.load.LoadLedger`: :meth:`recorded` before connecting,
+    :meth:`loaded_already` once the table is resolved, :meth:`committed` after each
+    commit); with it, a mirror of it for the Airflow UI.
 
     Retries of a task instance share one store record (Airflow keys it by DAG run, task
     and map index); a manual clear keeps it, but raises ``max_tries`` (to ``try_number +
@@ -79,10 +82,26 @@ class TaskStateLedger:
             checksum=entry.get("checksum"),
         )
 
-    def loaded_as(self, result: DestinationResult) -> Entry | None:
+    # The load's ledger (airflow_copyman.load.LoadLedger) where there is no ledger table.
+
+    name = "task_state_store"
+    #: Written after the commit: a commit whose outcome is unknown stays unknown.
+    atomic = False
+
+    def recorded(self, spec: Destination) -> Entry | None:
+        """Before connecting: the record of ``spec`` as spelled."""
+        loaded = self.loaded(spec)
+        if loaded is None:
+            return None
+        return Entry(
+            self.lineage, loaded.try_number or 0, loaded.rows or 0, loaded.bytes or 0,
+            loaded.inserted, loaded.updated, loaded.checksum, loaded.relation,
+        )
+
+    def loaded_already(self, conn: psycopg.Connection[Any], slot: Slot) -> Entry | None:
         """Once connected: the record of the table as its server resolved it, however an
         earlier try spelled it."""
-        entry = (self.record_.get("destinations") or {}).get(_key_of(result))
+        entry = (self.record_.get("destinations") or {}).get(f"{slot.conn_id}:{slot.key}")
         if not isinstance(entry, dict):
             return None
         return Entry(
@@ -91,21 +110,19 @@ class TaskStateLedger:
             entry.get("checksum"),
         )
 
-    def skip_loaded(
-        self, specs: list[Destination], log: Any
-    ) -> dict[str, DestinationResult]:
-        """Before connecting: the destinations an earlier try of this lineage loaded, by
-        label (their results, ``already_loaded``)."""
-        skipped: dict[str, DestinationResult] = {}
-        for spec in specs:
-            if (entry := self.loaded(spec)) is not None:
-                skipped[spec.label] = entry
-                log.info(
-                    "%s: already loaded by try %s (task_state_store): skipped",
-                    spec.label,
-                    entry.try_number,
-                )
-        return skipped
+    def prepare(self, conn: psycopg.Connection[Any], slot: Slot) -> None:
+        """Nothing to prepare: the record is written after the commit."""
+
+    def claim_load(self, conn: psycopg.Connection[Any], slot: Slot) -> Entry | None:
+        """No claim: nothing in the destination shows another try loading it."""
+        return None
+
+    def record_load(
+        self, conn: psycopg.Connection[Any], slot: Slot, rows: int, nbytes: int,
+        extras: Extras,
+    ) -> Entry | None:
+        """Nothing in the load transaction: :meth:`committed` records after the commit."""
+        return None
 
     def committed(self, result: DestinationResult) -> None:
         """After a commit of this try: record it."""

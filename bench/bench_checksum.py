@@ -45,9 +45,9 @@ from bench_copy import COLUMNS, LOAD_SQL  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from airflow_copyman import load  # noqa: E402
+from airflow_copyman.load.catalog import tables as load_tables  # noqa: E402
 from airflow_copyman.load.connection import settings as session_settings  # noqa: E402
 from airflow_copyman.load.connection.bounded import Bounds  # noqa: E402
-from airflow_copyman.load.phases import verify  # noqa: E402
 from airflow_copyman.load.verify import readback  # noqa: E402
 from airflow_copyman.testing.servers import create_database, throwaway_servers  # noqa: E402
 
@@ -65,9 +65,10 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
     destination = load.postgres("dst", dst_server.address.conninfo(DB))
     quiet = logging.getLogger("bench.quiet")
     quiet.setLevel(logging.WARNING)
-    streams = verify.streams
+    # Planning verifies by the COPY stream where both sides' types are the same.
+    same_types = load_tables.same_types
     if mode == "checksum-by-text":
-        verify.streams = lambda state, target, plan: False  # type: ignore[assignment]
+        load_tables.same_types = lambda source, dest: False  # type: ignore[assignment]
     try:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
@@ -83,7 +84,7 @@ def load_once(src_server: Any, dst_server: Any, fmt: str, mode: str) -> dict[str
         t1 = time.perf_counter()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        verify.streams = streams  # type: ignore[assignment]
+        load_tables.same_types = same_types  # type: ignore[assignment]
     (result,) = report.destinations
     assert result.status == "loaded", result
     if mode != "count":

@@ -33,6 +33,7 @@ from ._limits import ABORT_TIMEOUT, CANCEL_WAIT, MAX_WAIT, POLL
 from ._manager import BATCH_BYTES, QUEUE_BYTES, RECEIVER_TIMEOUT, CopyManager, transfer
 from ._sql import is_copy_statement
 from ._statement import StatementProducer, StatementReceiver
+from ._steps import Driver, Step, Steps, Want
 
 __all__ = [
     "ABORT_TIMEOUT",
@@ -48,6 +49,7 @@ __all__ = [
     "CopyManager",
     "CopyUsageError",
     "Digest",
+    "Driver",
     "Fault",
     "IteratorProducer",
     "NullProducer",
@@ -61,8 +63,11 @@ __all__ = [
     "RowCountMismatch",
     "StatementProducer",
     "StatementReceiver",
+    "Step",
+    "Steps",
     "StreamDigest",
     "Wait",
+    "Want",
     "is_copy_statement",
     "transfer",
 ]

@@ -78,9 +78,18 @@ class ProducerTimeout(TimeoutError):
 
 
 class RowCountMismatch(Exception):
-    """A server's COPY row count differs from the number of rows the copy moved."""
+    """A server's COPY row count differs from the number of rows the copy moved.
+
+    ``rows`` and ``source_rows``: the two counts compared, where a receiver's count was
+    checked against the source's (None otherwise)."""
 
     __module__ = "airflow_copyman.copyman"
+
+    def __init__(
+        self, message: str, *, rows: int | None = None, source_rows: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.rows, self.source_rows = rows, source_rows
 
 
 class CopyFail(Exception):

@@ -164,7 +164,8 @@ class Receiver(Fitting, ABC):
         got = self.rows if server_rows is None else server_rows
         if expected is not None and got != expected:
             raise RowCountMismatch(
-                f"{self!r} received {got} rows, but the source produced {expected}"
+                f"{self!r} received {got} rows, but the source produced {expected}",
+                rows=got, source_rows=expected,
             )
 
 

@@ -1,4 +1,5 @@
-"""Protocol steps and the one place that waits for them.
+"""Protocol steps and the one place that waits for them (in the engine and in the load
+layer: its commits and read-backs are steps too, driven here).
 
 A step is a generator that does one connection's non-blocking libpq work (start a COPY,
 cancel it, read its end) and yields ``(fd, Wait)`` whenever it cannot go on, as psycopg's
@@ -27,13 +28,20 @@ K = TypeVar("K", bound=Hashable)
 
 
 class Step:
-    """One generator in progress: what it waits for, and how it ended."""
+    """One generator in progress: what it waits for, and how it ended.
 
-    __slots__ = ("deadline", "done", "error", "gen", "value", "want")
+    ``deadline``: when the driver gives up on it (``time.monotonic()``); ``idle``: instead,
+    a deadline that each advance moves on by ``idle`` seconds (a step reading a stream
+    stalls only when nothing comes for that long)."""
 
-    def __init__(self, gen: Steps, deadline: float = float("inf")) -> None:
+    __slots__ = ("deadline", "done", "error", "gen", "idle", "value", "want")
+
+    def __init__(
+        self, gen: Steps, deadline: float = float("inf"), *, idle: float | None = None
+    ) -> None:
         self.gen = gen
-        self.deadline = deadline
+        self.idle = idle
+        self.deadline = deadline if idle is None else time.monotonic() + idle
         self.want: Want | None = None  # None: not started yet, advance at once
         self.done = False
         self.value: Any = None
@@ -43,6 +51,8 @@ class Step:
         """Run the step until it waits again; True once it has ended (value or error)."""
         try:
             self.want = next(self.gen)
+            if self.idle is not None:
+                self.deadline = time.monotonic() + self.idle
         except StopIteration as stop:
             self.done, self.value = True, stop.value
         except Exception as exc:

@@ -13,7 +13,6 @@ destination database commits with the data:
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,18 +30,6 @@ from airflow_copyman.dagster._assets import CHECK_NAME, Binding, current_binding
 STOP_WAIT = 10.0
 
 Event = dg.MaterializeResult[Any] | dg.AssetCheckResult
-
-# Verification failures, as the load layer words them (its report has no field for them).
-_CHECKSUM = re.compile(
-    r"the checksum of the rows loaded \((?P<destination>[^)]*)\) differs from "
-    r"the source's \((?P<source>[^)]*)\)"
-)
-_COUNTS = (
-    re.compile(r"received (?P<destination>\d+) rows, but the source produced (?P<source>\d+)"),
-    re.compile(r"the destination's COPY reports (?P<destination>\d+) rows, "
-               r"the source's (?P<source>\w+)"),
-)
-
 
 class CopyManDestinationsFailed(Exception):
     """Destinations failed in a way a retry may fix: a ``RetryPolicy`` retries the step,
@@ -269,11 +256,15 @@ def passed_check(
 ) -> dg.AssetCheckResult:
     """A destination that committed passed the load's verification (it rolls back
     otherwise): the source's count or checksum equals the destination's."""
-    metadata: dict[str, Any] = {"destination_rows": dg.MetadataValue.int(result.rows or 0)}
-    if result.status == "loaded":
-        metadata["source_rows"] = dg.MetadataValue.int(report.rows)
-    else:  # verified by the try that loaded it, against the rows that try read
-        metadata["source_rows"] = dg.MetadataValue.int(result.rows or 0)
+    verification = result.verification
+    rows = result.rows or 0
+    source_rows = rows
+    if verification is not None and verification.source_rows is not None:
+        source_rows = verification.source_rows
+    metadata: dict[str, Any] = {
+        "destination_rows": dg.MetadataValue.int(rows),
+        "source_rows": dg.MetadataValue.int(source_rows),
+    }
     if binding.load.verify == "checksum":
         metadata["source_checksum"] = metadata["destination_checksum"] = result.checksum or ""
     return dg.AssetCheckResult(
@@ -286,33 +277,29 @@ def failed_check(
 ) -> dg.AssetCheckResult | None:
     """The check of a destination that failed its verification (None: it failed otherwise,
     so nothing was verified)."""
-    error = result.error or ""
-    found = _CHECKSUM.search(error) if binding.load.verify == "checksum" else None
+    verification = result.verification
+    if verification is None or verification.passed:
+        return None
     metadata: dict[str, Any]
-    if found is not None:
+    if verification.source_checksum is not None:
         metadata = {
-            "source_checksum": found["source"], "destination_checksum": found["destination"]
-        }
-    elif (found := _count_mismatch(error)) is not None:
-        metadata = {
-            "source_rows": _number(found["source"]),
-            "destination_rows": _number(found["destination"]),
+            "source_checksum": verification.source_checksum,
+            "destination_checksum": verification.checksum or "",
         }
     else:
-        return None
-    metadata["error"] = error
+        metadata = {
+            "source_rows": _count(verification.source_rows),
+            "destination_rows": _count(verification.rows),
+        }
+    metadata["error"] = result.error or ""
     return dg.AssetCheckResult(
         asset_key=key, check_name=CHECK_NAME, passed=False, metadata=metadata,
         severity=dg.AssetCheckSeverity.ERROR,
     )
 
 
-def _count_mismatch(error: str) -> re.Match[str] | None:
-    return next((m for m in (p.search(error) for p in _COUNTS) if m is not None), None)
-
-
-def _number(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+def _count(rows: int | None) -> int | str:
+    return "unknown" if rows is None else rows
 
 
 def _raise_for(report: load.TransferReport) -> None:

@@ -191,9 +191,8 @@ class CopyManHook(PostgresHook):
         *,
         parameters: load.Params | None = None,
         format: str | None = None,
-        ledger: load.Ledger | None = None,
+        ledger: load.LoadLedger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
-        loaded_before: Callable[[DestinationResult], load.Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         lock_timeout: float = load.LOCK_TIMEOUT,
@@ -209,11 +208,10 @@ class CopyManHook(PostgresHook):
 
         Every destination loads in its own transaction and commits only if it received
         every row (the servers' COPY counts agree). A destination that fails is rolled
-        back and reported; the others go on and commit. With a ``ledger``, destinations it
-        records as loaded (for this lineage) are skipped, and each commit records itself
-        atomically with its data. Without one, ``loaded_before`` (if given) is asked for
-        each destination once its table is resolved (``result.relation``): an
-        :class:`~airflow_copyman.load.Entry` skips it as loaded by an earlier try.
+        back and reported; the others go on and commit. With a ``ledger``
+        (:class:`~airflow_copyman.load.LoadLedger`: the ledger table,
+        :class:`~airflow_copyman.load.Ledger`, records each commit atomically with its
+        data), destinations it records as loaded (for this lineage) are skipped.
 
         Every wait is bounded: connecting by the connection's ``connect_timeout`` (default
         :data:`CONNECT_TIMEOUT`), every statement and the copy by ``receiver_timeout``.
@@ -243,7 +241,6 @@ class CopyManHook(PostgresHook):
                     conn_id, application_name=application_name or self.application_name
                 ).endpoint(),
                 parameters=parameters, format=format, ledger=ledger, on_commit=on_commit,
-                loaded_before=loaded_before,
                 progress_interval=progress_interval, receiver_timeout=receiver_timeout,
                 lock_timeout=lock_timeout,
                 min_rows=min_rows, max_bytes_per_second=max_bytes_per_second,

@@ -43,6 +43,7 @@ from airflow_copyman.load.connection.endpoint import (
 from airflow_copyman.load.connection.endpoint import prepare as prepare_connection
 from airflow_copyman.load.connection.load_lock import take_load_lock
 from airflow_copyman.load.connection.locks import LockWaitTimeout, application_name_for
+from airflow_copyman.load.ledger.protocol import LoadLedger, Slot
 from airflow_copyman.load.ledger.table import (
     Entry,
     Extras,
@@ -80,6 +81,7 @@ from airflow_copyman.load.spec import (
     Status,
     TooFewRowsError,
     TransferReport,
+    Verification,
     destinations_from,
 )
 from airflow_copyman.load.transfer import Endpoints, Transfer
@@ -108,6 +110,7 @@ __all__ = [
     "Extras",
     "Ledger",
     "LoadError",
+    "LoadLedger",
     "LoadMode",
     "LoadOptions",
     "LockWaitTimeout",
@@ -120,6 +123,7 @@ __all__ = [
     "Progress",
     "Relation",
     "Replace",
+    "Slot",
     "Source",
     "Status",
     "TableName",
@@ -127,6 +131,7 @@ __all__ = [
     "TooFewRowsError",
     "Transfer",
     "TransferReport",
+    "Verification",
     "application_name_for",
     "check_ledger_schema",
     "check_sql",
@@ -160,7 +165,7 @@ def run(
     endpoints: Endpoints,
     parameters: Params | None = None,
     format: str | None = None,
-    ledger: Ledger | None = None,
+    ledger: LoadLedger | None = None,
     on_commit: Callable[[DestinationResult], None] | None = None,
     progress_interval: float = 5.0,
     receiver_timeout: float = RECEIVER_TIMEOUT,

@@ -383,6 +383,19 @@ class Progress:
     destinations: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True)
+class Verification:
+    """What the load's verification compared for one destination: the source's row count
+    (and, under ``verify="checksum"``, its checksum) against the destination's. Checksums in
+    their compact form, ``rows:method:sum``."""
+
+    passed: bool
+    source_rows: int | None
+    rows: int | None
+    source_checksum: str | None = None
+    checksum: str | None = None
+
+
 @dataclass
 class DestinationResult:
     """What happened to one destination."""
@@ -405,6 +418,13 @@ class DestinationResult:
     relation: Relation | None = None
     #: verify="checksum": the checksum of the rows loaded, ``rows:hash sum``.
     checksum: str | None = None
+    #: The verification's outcome: passed once committed (or loaded by an earlier try),
+    #: failed where the rows differ; None where nothing was compared (it failed otherwise).
+    verification: Verification | None = None
+
+    @property
+    def verified(self) -> bool | None:
+        return None if self.verification is None else self.verification.passed
 
     @property
     def label(self) -> str:

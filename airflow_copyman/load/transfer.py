@@ -1,11 +1,13 @@
-"""The run of one load: connect, plan, per-destination transactions, ledger, progress.
+"""The run of one load: it calls the phases in turn and hands each what the ones before
+returned (connect, ledger, plan, begin, copy, commit, report).
 
 It takes :class:`~airflow_copyman.load.connection.endpoint.Endpoint` objects (psycopg connections,
 no Airflow): :meth:`airflow_copyman.hooks.copyman.CopyManHook.transfer` builds them from
-Airflow connections, creates a :class:`Transfer` and runs it. Each phase is a unit of its
-own (:mod:`.phases.connect`, :mod:`.phases.ledger`, :mod:`.phases.plan`, :mod:`.phases.copy`,
-:mod:`.phases.commit`, :mod:`.phases.report`) over the shared :class:`~.phases.state.State`; each
-destination's :class:`~airflow_copyman.load.modes.base.Mode` says how its rows land.
+Airflow connections, creates a :class:`Transfer` and runs it. Each phase is a module of
+functions (:mod:`.phases.connect`, :mod:`.phases.ledger`, :mod:`.phases.plan`,
+:mod:`.phases.begin`, :mod:`.phases.copy`, :mod:`.phases.commit`, :mod:`.phases.report`) that
+take the load's :class:`~.phases.run.Run` and what they need, and return what they found;
+each destination's :class:`~airflow_copyman.load.modes.base.Mode` says how its rows land.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from airflow_copyman.load import options as checks
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.connection import bounded
 from airflow_copyman.load.connection.endpoint import Endpoint
-from airflow_copyman.load.ledger.table import Entry, Ledger
+from airflow_copyman.load.ledger.protocol import LoadLedger
+from airflow_copyman.load.ledger.table import Ledger
 from airflow_copyman.load.options import LOCK_TIMEOUT, PROGRESS_INTERVAL, LoadOptions
-from airflow_copyman.load.phases.commit import Committing
-from airflow_copyman.load.phases.connect import Connecting
-from airflow_copyman.load.phases.copy import NO_COPY, Copying, CopyOutcome
-from airflow_copyman.load.phases.ledger import LedgerSteps
-from airflow_copyman.load.phases.plan import Plan, Planning
-from airflow_copyman.load.phases.report import Reporting
-from airflow_copyman.load.phases.state import Target
+from airflow_copyman.load.phases import begin, commit, connect, copy, plan, report
+from airflow_copyman.load.phases import ledger as ledgering
+from airflow_copyman.load.phases.connect import Connected
+from airflow_copyman.load.phases.copy import NO_COPY, CopyOutcome
+from airflow_copyman.load.phases.plan import Plan
+from airflow_copyman.load.phases.run import Run, Target
+from airflow_copyman.load.phases.verify import Rendering
 from airflow_copyman.load.spec import (
     ConfigError,
     Destination,
@@ -43,7 +46,7 @@ from airflow_copyman.load.spec import (
 Endpoints = Mapping[str, Endpoint] | Callable[[str], Endpoint]
 
 
-class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting):
+class Transfer:
     """One load: :meth:`run` it once; :meth:`cancel` stops it from another thread."""
 
     def __init__(
@@ -55,9 +58,8 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
         endpoints: Endpoints,
         parameters: tables.Params | None = None,
         format: str | None = None,
-        ledger: Ledger | None = None,
+        ledger: LoadLedger | None = None,
         on_commit: Callable[[DestinationResult], None] | None = None,
-        loaded_before: Callable[[DestinationResult], Entry | None] | None = None,
         progress_interval: float = PROGRESS_INTERVAL,
         receiver_timeout: float = copyman.RECEIVER_TIMEOUT,
         lock_timeout: float = LOCK_TIMEOUT,
@@ -89,35 +91,19 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
                 raise checks.ArgumentError(
                     f"destinations must be a list, got {type(destinations).__name__}"
                 )
-            if ledger is not None:
+            if isinstance(ledger, Ledger):
                 checks.ledger_schema(ledger.schema)
         except checks.ArgumentError as exc:
             raise ConfigError(f"{exc}") from None
         self.options = options
-        self.lock_timeout = options.lock_timeout
-        self.min_rows = options.min_rows
-        self.max_bytes_per_second = options.max_bytes_per_second
-        self.verify = options.verify
-        self.snapshot = options.snapshot
         self.requested_format = tables.normalize_format(options.format)
         self.specs = [Destination.from_value(d, i) for i, d in enumerate(destinations)]
-        self.parameters = options.parameters
         #: The deadline of every statement, and the flag that stops the transfer.
         self.bounds = bounded.Bounds(options.receiver_timeout)
         self.ledger = ledger
         self.on_commit = on_commit
-        self.loaded_before = loaded_before
-        self.progress_interval = options.progress_interval
-        self.on_progress = options.on_progress
-        self.receiver_timeout = options.receiver_timeout
-        self.targets: list[Target] = []
-        self.src: psycopg.Connection[Any] | None = None
-        self.rendering: dict[str, str] | None = None
+        #: The copy's manager while it runs (for cancel()).
         self.manager: copyman.CopyManager | None = None
-        self.cancelled = False
-        self.interrupt: BaseException | None = None
-        self.secrets: list[str] = []
-        self.endpoints: dict[str, tuple[str, str]] = {}
         try:
             self.source = tables.Source.parse(sql)
         except tables.PlanError as exc:
@@ -126,72 +112,88 @@ class Transfer(Connecting, LedgerSteps, Planning, Copying, Committing, Reporting
     # The phases.
 
     def run(self) -> TransferReport:
-        started = self.started = time.monotonic()
+        started = time.monotonic()
         if not self.specs:
             raise ConfigError("no destinations: give at least one")
-        self._resolve()
-        plan: Plan | None = None
+        resolved = connect.resolve(self.origin, self.specs, self.endpoint_of, self.log)
+        run = Run(
+            self.origin, self.source, self.log, self.options, self.requested_format,
+            self.bounds, self.ledger, self.on_commit, resolved.targets, resolved.secrets,
+            started,
+        )
+        planned: Plan | None = None
         outcome = NO_COPY
+        connected = Connected(None, [])
         try:
-            self._connect()
-            self._locate()
-            if self.ledger is not None and self._go_on():
-                self._check_ledger()
-            elif self.loaded_before is not None and self._go_on():
-                self._check_loaded_before()
-            if self._go_on():
-                plan = self._plan()
-            if plan is not None and self.ledger is not None and self._go_on():
-                self._prepare_ledger(plan)
-            if plan is not None and self._go_on():
-                outcome = self._load(plan)
+            if self.ledger is not None:
+                ledgering.check_recorded(run, self.ledger)
+            if run.go_on():
+                connected = connect.connect(run)
+                connect.locate(run, connected.sessions)
+            planned, outcome = self._load(run, connected)
         except copyman.Cancelled as exc:
             # A statement was cancelled because the transfer was asked to stop.
-            for target in self._pending():
-                self._fail(target, exc, "stopped")
+            run.stop_all(exc, "stopped")
         finally:
-            self._close()
-        if self.cancelled:
-            for target in self._pending():
-                self._fail(target, copyman.Cancelled("the transfer was stopped"), "stopped")
-        if self.interrupt is not None:
-            raise self.interrupt
-        report = self._report(
-            time.monotonic() - started, plan.format if plan is not None else None, outcome
-        )
-        self._log_summary(report)
-        self._tell_progress(Progress(
-            report.rows, report.bytes, report.seconds,
-            plan.estimate.rows if plan is not None and plan.estimate is not None else None,
-            None, tuple((r.label, r.status) for r in report.destinations),
+            connect.close(run, connected)
+        if run.stopped:
+            run.stop_all(copyman.Cancelled("the transfer was stopped"), "stopped")
+        if outcome.interrupt is not None:
+            raise outcome.interrupt
+        fmt = planned.format if planned is not None else None
+        done = report.report(run, time.monotonic() - started, fmt, outcome, resolved.locations)
+        report.log_summary(run, done)
+        estimate = planned.estimate if planned is not None else None
+        run.tell_progress(Progress(
+            done.rows, done.bytes, done.seconds, estimate.rows if estimate else None,
+            None, tuple((r.label, r.status) for r in done.destinations),
         ))
-        return report
+        return done
 
-    def _load(self, plan: Plan) -> CopyOutcome:
+    def _load(self, run: Run, connected: Connected) -> tuple[Plan | None, CopyOutcome]:
+        """Once connected: the ledger, the plan, and the load (each step only while a
+        destination is left to load)."""
+        src = connected.src
+        if src is None:  # the source could not connect: every destination failed
+            return None, NO_COPY
+        if self.ledger is not None and run.go_on():
+            ledgering.check(run, self.ledger, connected.pending())
+        planned = plan.plan(run, src, connected.sessions) if run.go_on() else None
+        if planned is None:
+            return None, NO_COPY
+        if self.ledger is not None and run.go_on():
+            ledgering.prepare(run, self.ledger, connected.pending())
+        if not run.go_on():
+            return planned, NO_COPY
+        return planned, self._copy_and_commit(run, src, connected, planned)
+
+    def _copy_and_commit(
+        self, run: Run, src: psycopg.Connection[Any], connected: Connected, planned: Plan
+    ) -> CopyOutcome:
         """Open each destination's transaction, run the copy, commit what completed."""
+        rendering = Rendering(src, self.bounds)
         while True:
-            # Every claim first, then the TRUNCATEs: waiting for another try's claim must
-            # not hold a TRUNCATE lock on a table taken before it.
-            claimed = self._in_lock_order([t for t in self._pending() if self._claim(t)], plan)
-            loading = [t for t in claimed if self._begin(t, plan)]
-            if not loading or self.cancelled:
-                for target in loading:
-                    self._fail(target, copyman.Cancelled("the task was killed"), "starting")
+            loading = begin.open_all(run, planned, connected.pending(), rendering)
+            if not loading or run.stopped:
+                for one in loading:
+                    run.fail(one.target, copyman.Cancelled("the task was killed"), "starting")
                 return NO_COPY
-            outcome = self._copy(plan, loading)
+            outcome = copy.copy(run, src, planned, loading, self._copying)
             if not outcome.restart:
                 break
             # A destination's COPY could not start, so the engine aborted the others: their
             # transactions are void; load them again without the culprit.
-        self._commit([t for t in loading if t.pending], plan, outcome)
+        commit.commit(run, rendering, planned, [t for t in loading if t.target.pending], outcome)
         return outcome
+
+    def _copying(self, manager: copyman.CopyManager | None) -> None:
+        self.manager = manager
 
     # Stop (from on_kill: a signal handler). It only asks: the thread running the transfer
     # sends the servers' cancels itself (connection.bounded, the engine's loop), then reads each
     # statement's end, so a cancel can never hit a later statement.
 
     def cancel(self) -> None:
-        self.cancelled = True
         self.bounds.stop.set()
         manager = self.manager
         if manager is not None:

@@ -21,7 +21,6 @@ from airflow_copyman import _assets, copyman, load
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
-    DestinationResult,
     TransferReport,
     destinations_from,
 )
@@ -220,13 +219,13 @@ class CopyManOperator(BaseOperator):
             context.get("task_state_store"), ti.max_tries,
             resume_on_clear=self.resume_on_clear, try_number=ti.try_number,
         )
-        ledger = self._table_ledger(ti, state.lineage)
-        # Without a ledger, the state store is the record of what was loaded.
-        skipped = state.skip_loaded(specs, self.log) if ledger is None else {}
-        pending = [s for s in specs if s.label not in skipped]
-        self._log_try(ti.try_number, state.lineage, ledger, len(pending), len(skipped))
-        report = self._load(ti, pending, options, ledger, state)
-        report = _with_skipped(report, specs, skipped, loaded_now=bool(pending))
+        # The ledger table, or without one the state store: what decides "loaded already".
+        ledger = self._table_ledger(ti, state.lineage) or state
+        self.log.info(
+            "Try %d, lineage %s: %d destination(s); the ledger %s says which are loaded",
+            ti.try_number, state.lineage, len(specs), ledger.name,
+        )
+        report = self._load(ti, specs, options, ledger, state)
         self._report = report
         state.sync(report, ti.try_number)
         self._check_counts(report)
@@ -262,49 +261,30 @@ class CopyManOperator(BaseOperator):
         key = TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, lineage, ti.try_number)
         return Ledger(self.ledger_schema, key, resume_on_clear=self.resume_on_clear)
 
-    def _log_try(
-        self, try_number: int, lineage: str, ledger: Ledger | None, pending: int, skipped: int
-    ) -> None:
-        if ledger is None:
-            self.log.info(
-                "Try %d, lineage %s: %d destination(s) to load, %d already loaded "
-                "(no ledger: task_state_store only)",
-                try_number, lineage, pending, skipped,
-            )
-        else:
-            # The ledger is read once connected: the transfer logs what it skips.
-            self.log.info(
-                "Try %d, lineage %s: %d destination(s); the ledger %s says which are loaded",
-                try_number, lineage, pending, ledger.name,
-            )
-
     def _load(
         self,
         ti: Any,
-        pending: list[Destination],
+        specs: list[Destination],
         options: load.LoadOptions,
-        ledger: Ledger | None,
+        ledger: load.LoadLedger,
         state: TaskStateLedger,
     ) -> TransferReport:
-        """Load ``pending``: the table ledger (or, without one, the task state) decides
-        which are loaded already."""
+        """Load ``specs``: ``ledger`` decides which are loaded already."""
         hook = CopyManHook(self.source_conn_id)
         self._hook = hook
         try:
             if self._killed:
                 raise AirflowException("the task was killed before the copy started")
-            if not pending:
-                return TransferReport(0, 0, None, 0.0, [])
             if self.parallel > 1:
-                return _parallel.load_parallel(self, ti, pending, options, state.lineage)
+                # N ranges in one snapshot; publish's ledger rows say what is loaded already.
+                return _parallel.load_parallel(self, ti, specs, options, state.lineage)
             return hook.transfer(
                 self.sql,
-                pending,
+                specs,
                 options=options,
                 ledger=ledger,
-                on_commit=state.committed,
-                # Without a ledger: the record by the table the server resolved.
-                loaded_before=state.loaded_as if ledger is None else None,
+                # With a ledger table, the state store mirrors it (for the Airflow UI).
+                on_commit=state.committed if ledger is not state else None,
                 # A load waiting for a table this one holds names its DAG, task, run.
                 application_name=load.application_name_for(
                     ti.dag_id, ti.task_id, ti.run_id,
@@ -377,22 +357,6 @@ class CopyManOperator(BaseOperator):
         except ImportError:  # pragma: no cover - the module imports lazily itself
             return None
         return operator_lineage(self, report)
-
-
-def _with_skipped(
-    report: TransferReport,
-    specs: list[Destination],
-    skipped: dict[str, DestinationResult],
-    *,
-    loaded_now: bool,
-) -> TransferReport:
-    """The report with the destinations skipped before connecting, in the order given."""
-    by_label = {r.label: r for r in report.destinations}
-    report.destinations = [by_label.get(s.label) or skipped[s.label] for s in specs]
-    if not loaded_now:
-        report.rows = max((r.rows or 0 for r in report.destinations), default=0)
-        report.bytes = max((r.bytes or 0 for r in report.destinations), default=0)
-    return report
 
 
 # The split load (operators/split.py builds on this module, so it comes last) is imported

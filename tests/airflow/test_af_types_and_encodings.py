@@ -562,17 +562,17 @@ def test_the_checks_and_the_copy_read_one_snapshot(
 ) -> None:
     """A row committed on the source after the checks began is not copied: the checks and
     the copy see one snapshot."""
-    from airflow_copyman.load import transfer as _load
+    from airflow_copyman.load.phases import plan as _plan
 
     src, dst = readonly_source
-    planned = _load.Transfer._plan
+    planned = _plan.plan
 
-    def plan_then_commit_more(self: Any) -> Any:
-        plan = planned(self)
+    def plan_then_commit_more(*args: Any) -> Any:
+        plan = planned(*args)
         src.execute("INSERT INTO events (note) VALUES ('late')")
         return plan
 
-    monkeypatch.setattr(_load.Transfer, "_plan", plan_then_commit_more)
+    monkeypatch.setattr(_plan, "plan", plan_then_commit_more)
     report = transfer("pg_ro_src", "events", Destination("pg_ro_dst", "events"))
     assert (report.rows, src.scalar("SELECT count(*) FROM events")) == (5, 6)
     assert dst.scalar("SELECT count(*) FROM events") == 5

@@ -171,7 +171,7 @@ def test_a_checksum_mismatch_fails_its_check_and_is_not_retried(
     assert verified[WH1].passed and not verified[WH2].passed
     values = {k: v.value for k, v in verified[WH2].metadata.items()}
     assert values["source_checksum"] != values["destination_checksum"]
-    assert values["source_checksum"].startswith(f"{PER_DAY} rows")
+    assert values["source_checksum"].startswith(f"{PER_DAY}:")  # rows:method:sum
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     text = serialize_value(failure.event_specific_data)
     assert "wh2:analytics.orders" in text and "checksum" in text and "no retry" in text

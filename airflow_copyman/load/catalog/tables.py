@@ -96,6 +96,9 @@ class Column:
     #: it is known: a table's columns, and a query's plain references to a table's columns
     #: (an expression's collation is not in the row description).
     collation: tuple[str, str] | None = None
+    #: Whether its type (and an array's element type) has binary send and receive
+    #: functions: ``aclitem`` has none, and a binary COPY of it fails on the server.
+    binary_io: bool = True
 
     @property
     def collation_name(self) -> str:
@@ -107,6 +110,8 @@ class Column:
 
     def binary_safe_with(self, other: Column) -> bool:
         """Whether binary COPY from this column into ``other`` is byte-for-byte safe."""
+        if not (self.binary_io and other.binary_io):
+            return False
         if self.type_name != other.type_name or self.is_oid_alias:
             return False
         if self.type_kind == "e" and other.type_kind == "e":
@@ -217,7 +222,7 @@ def _describe_query(conn: psycopg.Connection[Any], text: str) -> list[Column]:
     origins = [(result.ftable(i), result.ftablecol(i)) for i in range(result.nfields)]
     collations = _collations(conn, origins) if any(rel for rel, _ in origins) else {}
     return [
-        Column(name, oid, *types[i], collation=collations.get(i))
+        Column(name, oid, *types[i][:3], collation=collations.get(i), binary_io=types[i][3])
         for i, (name, oid, _) in enumerate(fields)
     ]
 
@@ -246,16 +251,26 @@ def _collations(
     return {n: (schema, name) for n, schema, name in rows}
 
 
+# Whether type t (an array: its element type too) has binary send and receive functions.
+# A domain has its base type's; an array's typelem is its element type (typlen -1: a
+# fixed-length type such as point has a typelem too, but is no array).
+_BINARY_IO = """
+{t}.typsend::oid <> 0 AND {t}.typreceive::oid <> 0
+AND NOT EXISTS (SELECT FROM pg_type et WHERE et.oid = {t}.typelem AND {t}.typlen = -1
+                AND (et.typsend::oid = 0 OR et.typreceive::oid = 0))"""
+
+
 def _type_info(
     conn: psycopg.Connection[Any], types: Sequence[tuple[int, int]]
-) -> list[tuple[str, str, str]]:
+) -> list[tuple[str, str, str, bool]]:
     rows = conn.execute(
-        "SELECT format_type(t.oid, NULL), t.typtype::text, format_type(t.oid, NULLIF(u.mod, -1)) "
+        "SELECT format_type(t.oid, NULL), t.typtype::text, format_type(t.oid, NULLIF(u.mod, -1)), "
+        f"{_BINARY_IO.format(t='t')} "
         "FROM unnest(%s::oid[], %s::int[]) WITH ORDINALITY AS u(oid, mod, n) "
         "JOIN pg_type t ON t.oid = u.oid ORDER BY u.n",
         [[oid for oid, _ in types], [mod for _, mod in types]],
     ).fetchall()
-    return [(name, kind, full) for name, kind, full in rows]
+    return [(name, kind, full, binary_io) for name, kind, full, binary_io in rows]
 
 
 # Domains are replaced by their base type, as the server does in a query's row description.
@@ -269,7 +284,8 @@ SELECT a.attname::text,
        format_type(bt.oid, NULLIF(CASE WHEN t.typtype = 'd' THEN t.typtypmod
                                        ELSE a.atttypmod END, -1)),
        cn.nspname::text,
-       co.collname::text
+       co.collname::text,
+       {binary_io}
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
 JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
@@ -302,8 +318,9 @@ def table_columns(
         return None
     generated = "a.attgenerated <> ''" if conn.info.server_version >= 120000 else "false"
     privilege = "SELECT" if source else "INSERT"
+    query = _TABLE_COLUMNS.format(generated=generated, binary_io=_BINARY_IO.format(t="bt"))
     rows = conn.execute(
-        _TABLE_COLUMNS.format(generated=generated),  # type: ignore[arg-type]
+        query,  # type: ignore[arg-type]
         {"oid": oid, "privilege": privilege},
     ).fetchall()
     by_name = {r[0]: r for r in rows}
@@ -322,7 +339,10 @@ def table_columns(
             f"(column {', '.join(denied)})"
         )
     return [
-        Column(r[0], r[1], r[2], r[3], r[6], (r[7], r[8]) if r[8] is not None else None)
+        Column(
+            r[0], r[1], r[2], r[3], r[6], (r[7], r[8]) if r[8] is not None else None,
+            binary_io=r[9],
+        )
         for r in chosen
     ]
 
@@ -456,6 +476,9 @@ def first_type_difference(source: Sequence[Column], dest: Sequence[Column]) -> s
     for s, d in zip(source, dest, strict=False):
         if s.is_oid_alias and s.type_name == d.type_name:
             return f"{s.name} {s.type_name}: an OID-alias type, a bare OID in binary"
+        for column in (s, d):
+            if not column.binary_io:
+                return f"{column.name} {column.type_name}: its type has no binary input/output"
         if not s.binary_safe_with(d):
             return f"{s.name} {s.type_name} -> {d.name} {d.type_name}"
     return None

@@ -18,8 +18,9 @@ one its :class:`Bounds`, every statement psycopg runs on it (``execute``, ``comm
 
 Connecting is bounded by the connection's ``connect_timeout`` (default
 :data:`CONNECT_TIMEOUT`); :func:`connect_all` connects everywhere at once and stops
-waiting when asked to. :func:`commit_all` sends every COMMIT first and waits for the
-replies together, so one destination slow to answer never holds the others.
+waiting when asked to. :func:`commit_all` runs every COMMIT as a step of the engine's
+one driver (:class:`airflow_copyman.copyman.Driver`): all are sent at once and their replies
+waited for together, so one destination slow to answer never holds the others.
 
 This module imports no Airflow module.
 """
@@ -27,7 +28,6 @@ This module imports no Airflow module.
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -193,64 +193,62 @@ def _close_late(future: Future[Any]) -> None:
 # Committing.
 
 
+def _commit_step(conn: psycopg.Connection[Any]) -> copyman.Steps:
+    """COMMIT ``conn``'s transaction without blocking: send it, then read its results as
+    they come; returns None (committed) or what failed."""
+    pg = conn.pgconn
+    pg.send_query(b"COMMIT")
+    results: list[pq.abc.PGresult] = []
+    while True:
+        if pg.flush():
+            yield pg.socket, copyman.Wait.WRITE
+            continue
+        pg.consume_input()
+        while not pg.is_busy():
+            result = pg.get_result()
+            if result is None:
+                return _commit_outcome(conn, results)
+            results.append(result)
+        yield pg.socket, copyman.Wait.READ
+
+
 def commit_all(
     conns: Sequence[psycopg.Connection[Any]], timeout: float, stop: threading.Event
 ) -> list[BaseException | None]:
-    """COMMIT every connection's transaction: send them all, then wait for the replies
-    together with one deadline. Each result is None (committed) or what failed; a COMMIT
-    without a reply within ``timeout`` gives :class:`StatementTimeout` (its outcome is
-    unknown) and its connection is closed. A stop shortens the wait to
-    :data:`CANCEL_WAIT`: a COMMIT cannot be cancelled, only waited for."""
-    outcome: list[BaseException | None] = [None] * len(conns)
-    waiting: dict[int, list[pq.abc.PGresult]] = {}
-    for i, conn in enumerate(conns):
-        try:
-            conn.pgconn.send_query(b"COMMIT")
-            waiting[i] = []
-        except psycopg.Error as exc:
-            outcome[i] = exc
-        except Exception as exc:  # pq raises its own errors for a closed connection
-            outcome[i] = psycopg.OperationalError(str(exc))
+    """COMMIT every connection's transaction: the COMMITs are steps
+    (:func:`_commit_step`) run together by the engine's one
+    :class:`~airflow_copyman.copyman.Driver`, with one deadline. Each result is None
+    (committed) or what failed; a COMMIT without a reply within ``timeout`` gives
+    :class:`StatementTimeout` (its outcome is unknown) and its connection is closed. A
+    stop shortens the wait to :data:`CANCEL_WAIT`: a COMMIT cannot be cancelled, only
+    waited for."""
     deadline = time.monotonic() + timeout
-    stopped = False
-    while waiting:
-        readers, writers = [], []
-        for i in list(waiting):
-            pg = conns[i].pgconn
-            try:
-                if pg.flush():
-                    writers.append(pg.socket)
-                pg.consume_input()
-                while not pg.is_busy():
-                    result = pg.get_result()
-                    if result is None:
-                        outcome[i] = _commit_outcome(conns[i], waiting.pop(i))
-                        break
-                    waiting[i].append(result)
-                else:
-                    readers.append(pg.socket)
-            except Exception as exc:
-                waiting.pop(i, None)
-                outcome[i] = exc if isinstance(exc, psycopg.Error) else (
-                    psycopg.OperationalError(str(exc))
-                )
-        if not waiting:
-            break
-        now = time.monotonic()
-        if stop.is_set() and not stopped:
-            stopped = True
-            deadline = min(deadline, now + CANCEL_WAIT)
-        if now >= deadline:
-            for i in waiting:
-                outcome[i] = StatementTimeout(
-                    "the task was stopped before the server answered COMMIT"
-                    if stopped
-                    else f"no answer to COMMIT within {timeout:g} s"
-                )
-                conns[i].close()
-            break
-        select.select(readers, writers, [], max(0.0, min(POLL, deadline - now)))
+    driver = copyman.Driver(
+        {i: copyman.Step(_commit_step(conn), deadline) for i, conn in enumerate(conns)}
+    )
+    driver.run(stop.is_set)
+    stopped = bool(driver.pending)
+    if stopped:
+        cut = min(deadline, time.monotonic() + CANCEL_WAIT)
+        for step in driver.pending.values():
+            step.deadline = cut
+        driver.run()
+    outcome: list[BaseException | None] = [None] * len(conns)
+    for i, step in driver.finished.items():
+        outcome[i] = _as_error(step.error) if step.error is not None else step.value
+    for i in driver.expired:
+        outcome[i] = StatementTimeout(
+            "the task was stopped before the server answered COMMIT"
+            if stopped
+            else f"no answer to COMMIT within {timeout:g} s"
+        )
+        conns[i].close()
     return outcome
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    # pq raises its own errors for a closed connection: a connection error all the same.
+    return exc if isinstance(exc, psycopg.Error) else psycopg.OperationalError(str(exc))
 
 
 def _commit_outcome(

@@ -30,12 +30,19 @@ This module imports no Airflow module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
-from airflow_copyman.load.catalog.tables import TableName
+from airflow_copyman.load.catalog.relation import Relation
+from airflow_copyman.load.catalog.tables import PlanError, TableName
+from airflow_copyman.load.connection import classify
+from airflow_copyman.load.ledger.protocol import Slot
+from airflow_copyman.load.modes import create
+
+if TYPE_CHECKING:
+    from airflow_copyman.load.spec import Destination, DestinationResult
 
 TABLE = "copyman_ledger"
 
@@ -95,6 +102,8 @@ class Entry:
     inserted: int | None = None
     updated: int | None = None
     checksum: str | None = None
+    #: The table as its server named it when loaded (a record that knows it).
+    relation: Relation | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,89 @@ class Ledger:
         self.resume_on_clear = resume_on_clear
         #: schema -> whether its ledger table has OID_COLUMN (as ensure_table found it).
         self._oid_columns: dict[str, bool] = {}
+        #: (conn_id, table key) -> the schema of its ledger table (None: none yet), and
+        #: whether that table has the columns of EXTRAS (as ensure_table found it).
+        self._schemas: dict[tuple[str, str], str | None] = {}
+        self._extras: dict[tuple[str, str], bool | None] = {}
+
+    # The load's ledger (airflow_copyman.load.ledger.protocol.LoadLedger).
+
+    @property
+    def try_number(self) -> int:
+        return self.key.try_number
+
+    @property
+    def atomic(self) -> bool:
+        return True
+
+    def recorded(self, spec: Destination) -> Entry | None:
+        """Nothing is known before connecting: the rows are in the destinations."""
+        return None
+
+    def loaded_already(self, conn: psycopg.Connection[Any], slot: Slot) -> Entry | None:
+        schema = self._schema_of(conn, slot)
+        if schema is None:
+            conn.rollback()
+            return None
+        return self.lookup(conn, schema, slot.conn_id, slot.key, slot.spelling)
+
+    def prepare(self, conn: psycopg.Connection[Any], slot: Slot) -> None:
+        schema = self._schemas.get((slot.conn_id, slot.key))
+        if schema is None:
+            schema = self._schema_of(conn, slot)
+        if schema is None:  # pragma: no cover - planning found the table
+            raise PlanError(f"table {slot.table} does not exist")
+        try:
+            self._extras[(slot.conn_id, slot.key)] = self.ensure_table(conn, schema)
+        except psycopg.Error as exc:
+            if not classify.is_permanent(exc):
+                raise
+            raise PlanError(
+                f"cannot create the ledger table {self.name_in(schema)} "
+                f"({classify.describe(exc)}); set ledger_schema to a schema the connection "
+                "may write, or ledger=False to keep no ledger"
+            ) from exc
+
+    def claim_load(self, conn: psycopg.Connection[Any], slot: Slot) -> Entry | None:
+        schema = self._schemas.get((slot.conn_id, slot.key))
+        if schema is None:
+            return None
+        # Keyed by the table the server resolved: a try spelling it otherwise is
+        # waited for and found all the same.
+        self.claim(conn, slot.conn_id, slot.key)
+        return self.read(conn, schema, slot.conn_id, slot.key, slot.spelling)
+
+    def record_load(
+        self, conn: psycopg.Connection[Any], slot: Slot, rows: int, nbytes: int,
+        extras: Extras,
+    ) -> Entry | None:
+        where = (slot.conn_id, slot.key)
+        schema = self._schemas.get(where)
+        if schema is None:
+            return None
+        # Positional: a Ledger subclass may pass them on as *args.
+        if self.record(
+            conn, schema, slot.conn_id, slot.key, rows, nbytes, extras,
+            self._extras.get(where),
+        ):
+            return None
+        conn.rollback()
+        entry = self.lookup(conn, schema, slot.conn_id, slot.key, slot.spelling)
+        if entry is None:
+            raise psycopg.errors.SerializationFailure("the ledger changed meanwhile")
+        return entry
+
+    def committed(self, result: DestinationResult) -> None:
+        """Recorded with the rows, in their transaction."""
+
+    def _schema_of(self, conn: psycopg.Connection[Any], slot: Slot) -> str | None:
+        """The schema of ``slot``'s ledger table (where the load creates the table, if it
+        may), kept for the later steps."""
+        schema = self.schema_for(conn, slot.table)
+        if schema is None and slot.create:
+            schema = create.schema_for(conn, slot.table)
+        self._schemas[(slot.conn_id, slot.key)] = schema
+        return schema
 
     @property
     def name(self) -> str:

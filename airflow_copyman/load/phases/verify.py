@@ -24,158 +24,148 @@ import psycopg
 from psycopg import sql
 
 from airflow_copyman.copyman import Digest
-from airflow_copyman.load.phases.state import State, Target
+from airflow_copyman.load.connection import bounded
+from airflow_copyman.load.phases.run import Run, Session
 from airflow_copyman.load.verify import checksum, readback
-from airflow_copyman.load.verify.checksum import Checksum
+from airflow_copyman.load.verify.checksum import Checksum, ColumnRendering
 
 if TYPE_CHECKING:
+    from airflow_copyman.load.phases.begin import Loading
     from airflow_copyman.load.phases.copy import CopyOutcome
     from airflow_copyman.load.phases.plan import DestinationPlan, Plan
 
 
-class Verifying(State):
-    """The checksum step of ``verify="checksum"``."""
+class Rendering:
+    """The source session's rendering settings for a text or CSV read-back, read once
+    when first needed (a baseline before the COPY, or the read-backs after it); None for
+    binary, whose send functions depend on no setting."""
 
-    def _verify(
-        self, targets: list[Target], plan: Plan, copied: CopyOutcome
-    ) -> list[Target]:
-        """Verify ``targets`` (each with a complete COPY) at once; returns those that pass
-        (the others failed and were rolled back)."""
-        if self.verify != "checksum" or not targets:
-            return targets
-        outcomes: dict[int, Checksum | BaseException] = {}
-        by_text = [t for t in targets if not streams(self, t, plan)]
-        if by_text:
-            outcomes.update(
-                zip(map(id, by_text), self._verify_by_text(by_text, plan), strict=True)
-            )
-        by_stream = [t for t in targets if streams(self, t, plan)]
-        if by_stream:
-            checked = self._verify_by_stream(by_stream, plan, copied)
-            outcomes.update(zip(map(id, by_stream), checked, strict=True))
-        passed = []
-        for target in targets:
-            outcome = outcomes[id(target)]
-            if isinstance(outcome, Checksum):
-                target.result.checksum = outcome.text
-                self.log.info("%s: checksum verified (%s)", target.label, outcome)
-                passed.append(target)
-            else:
-                self._fail(target, outcome, "verifying the checksum")
-                self._rollback(target)
-        return passed
+    def __init__(self, src: psycopg.Connection[Any], bounds: bounded.Bounds) -> None:
+        self.src, self.bounds = src, bounds
+        self._settings: dict[str, str] | None = None
 
-    def _verify_by_text(
-        self, targets: list[Target], plan: Plan
-    ) -> list[Checksum | BaseException]:
-        assert self.src is not None
-        written = []
-        for target in targets:
-            conn, mode = target.conn, target.mode
-            assert conn is not None and target.renderings is not None
-            relation, where = mode.written(conn)
-            written.append(
-                checksum.Written(
-                    str(target.table), conn, relation, target.renderings, where, target.baseline
-                )
-            )
-        # The source is still in its REPEATABLE READ transaction: the COPY's snapshot.
-        return checksum.verify_all(self.src, plan.select, written)
+    def settings(self, fmt: str) -> dict[str, str] | None:
+        if fmt == "binary":
+            return None
+        if self._settings is None:
+            self._settings = readback.render_settings(self.src)
+        return self._settings
 
-    def _verify_by_stream(
-        self, targets: list[Target], plan: Plan, copied: CopyOutcome
-    ) -> list[Checksum | BaseException]:
-        digest = copied.digest
-        assert digest is not None, "the producer digests its rows under verify='checksum'"
-        fmt = plan.format
-        sent = _checksum_of(digest, fmt)
-        outcomes: dict[int, Digest | BaseException] = {}
-        reads = []
-        for target in targets:
-            try:
-                reads.append((target, _read(target, fmt, plan.of(target).names)))
-            except Exception as exc:  # a server error, a stop, a time-out (its bounds)
-                outcomes[id(target)] = exc
+
+def verify(
+    run: Run, rendering: Rendering, plan: Plan, loading: list[Loading], copied: CopyOutcome
+) -> list[Loading]:
+    """Verify ``loading`` (each with a complete COPY) at once; returns those that pass
+    (the others failed and were rolled back)."""
+    if run.verify != "checksum" or not loading:
+        return loading
+    outcomes: dict[int, Checksum | BaseException] = {}
+    by_text = [t for t in loading if not plan.of(t.target).by_stream]
+    if by_text:
+        checked = _verify_by_text(rendering.src, by_text, plan)
+        outcomes.update(zip(map(id, by_text), checked, strict=True))
+    by_stream = [t for t in loading if plan.of(t.target).by_stream]
+    if by_stream:
+        checked = _verify_by_stream(rendering, by_stream, plan, copied)
+        outcomes.update(zip(map(id, by_stream), checked, strict=True))
+    passed = []
+    for one in loading:
+        outcome = outcomes[id(one)]
+        if isinstance(outcome, Checksum):
+            one.target.result.checksum = outcome.text
+            run.log.info("%s: checksum verified (%s)", one.label, outcome)
+            passed.append(one)
+        else:
+            run.drop(one.session, outcome, "verifying the checksum")
+    return passed
+
+
+def _verify_by_text(
+    src: psycopg.Connection[Any], loading: list[Loading], plan: Plan
+) -> list[Checksum | BaseException]:
+    written = []
+    for one in loading:
+        relation, where = one.target.mode.written(one.conn)
+        written.append(checksum.Written(
+            str(one.target.table), one.conn, relation, one.renderings or [], where,
+            one.baseline,
+        ))
+    # The source is still in its REPEATABLE READ transaction: the COPY's snapshot.
+    return checksum.verify_all(src, plan.select, written)
+
+
+def _verify_by_stream(
+    rendering: Rendering, loading: list[Loading], plan: Plan, copied: CopyOutcome
+) -> list[Checksum | BaseException]:
+    digest = copied.digest
+    if digest is None:  # pragma: no cover - the producer digests under verify="checksum"
+        raise ValueError("verify='checksum' without the source's digest")
+    fmt = plan.format
+    sent = _checksum_of(digest, fmt)
+    outcomes: dict[int, Digest | BaseException] = {}
+    reads = []
+    for one in loading:
         try:
-            settings = rendering(self, fmt)
-        except Exception as exc:  # the source's settings could not be read
-            outcomes.update((id(target), exc) for target, _ in reads)
-            reads = []
-        if reads:
-            got = readback.digests([read for _, read in reads], settings, self.bounds)
-            outcomes.update((id(target), g) for (target, _), g in zip(reads, got, strict=True))
-        out: list[Checksum | BaseException] = []
-        for target in targets:
-            outcome = outcomes[id(target)]
-            if isinstance(outcome, BaseException):
-                out.append(outcome)
-                continue
-            written = _checksum_of(outcome, fmt)
-            if target.baseline is not None:
-                written = written - target.baseline
-            if written != sent:
-                out.append(checksum.ChecksumMismatch(str(target.table), sent, written))
-            else:
-                out.append(written)
-        return out
-
-
-def streams(state: State, target: Target, plan: Plan) -> bool:
-    """Whether ``target`` is verified by its COPY stream: every column the COPY fills has
-    the source column's type (base type of a domain, modifier included) on both sides
-    (decided while planning)."""
-    return plan.of(target).by_stream
-
-
-def rendering(state: State, fmt: str) -> dict[str, str] | None:
-    """The source session's rendering settings for a text or CSV read-back (read once);
-    None for binary, whose send functions depend on no setting."""
-    if fmt == "binary":
-        return None
-    if state.rendering is None:
-        assert state.src is not None
-        state.rendering = readback.render_settings(state.src)
-    return state.rendering
+            reads.append((one, _read(one.session, fmt, plan.of(one.target).names)))
+        except Exception as exc:  # a server error, a stop, a time-out (its bounds)
+            outcomes[id(one)] = exc
+    try:
+        settings = rendering.settings(fmt)
+    except Exception as exc:  # the source's settings could not be read
+        outcomes.update((id(one), exc) for one, _ in reads)
+        reads = []
+    if reads:
+        got = readback.digests([read for _, read in reads], settings, rendering.bounds)
+        outcomes.update((id(one), g) for (one, _), g in zip(reads, got, strict=True))
+    out: list[Checksum | BaseException] = []
+    for one in loading:
+        outcome = outcomes[id(one)]
+        if isinstance(outcome, BaseException):
+            out.append(outcome)
+            continue
+        written = _checksum_of(outcome, fmt)
+        if one.baseline is not None:
+            written = written - one.baseline
+        if written != sent:
+            out.append(checksum.ChecksumMismatch(str(one.target.table), sent, written))
+        else:
+            out.append(written)
+    return out
 
 
 def _read(
-    target: Target, fmt: str, names: list[str]
+    session: Session, fmt: str, names: list[str]
 ) -> tuple[psycopg.Connection[Any], sql.Composed]:
-    conn, mode = target.conn, target.mode
-    assert conn is not None
-    relation, where = mode.written(conn)
-    return conn, readback.query(conn, relation, names, where, fmt)
+    relation, where = session.target.mode.written(session.conn)
+    return session.conn, readback.query(session.conn, relation, names, where, fmt)
 
 
 def _checksum_of(digest: Digest, fmt: str) -> Checksum:
     return Checksum(digest.rows, digest.total, f"copy-{fmt}")
 
 
-def take_renderings(target: Target, planned: DestinationPlan) -> None:
+def take_renderings(session: Session, planned: DestinationPlan) -> list[ColumnRendering]:
     """In the load transaction, once the table exists (create="if_missing" created it):
     how each column the COPY fills is rendered for the checksum."""
-    conn, table = target.conn, target.table
-    assert conn is not None
-    target.renderings = checksum.destination_renderings(conn, table.identifier, planned.names)
+    table = session.target.table
+    return checksum.destination_renderings(session.conn, table.identifier, planned.names)
 
 
-def take_baseline(state: State, target: Target, plan: Plan) -> None:
+def take_baseline(rendering: Rendering, session: Session, plan: Plan) -> Checksum | None:
     """After a preoperator, before the COPY: the checksum of the rows the mode's scope holds
     already (rows the preoperator wrote), subtracted from the one taken after the COPY,
     the same way. A merge's scope is the target's rows whose key was staged, read after the
     merge applied them: nothing to subtract."""
-    conn, mode = target.conn, target.mode
-    assert conn is not None
+    conn, mode = session.conn, session.target.mode
     if mode.name == "merge":
-        return
-    names, fmt = plan.of(target).names, plan.format
-    if streams(state, target, plan):
+        return None
+    planned, fmt = plan.of(session.target), plan.format
+    if planned.by_stream:
         (outcome,) = readback.digests(
-            [_read(target, fmt, names)], rendering(state, fmt), state.bounds
+            [_read(session, fmt, planned.names)], rendering.settings(fmt), rendering.bounds
         )
         if isinstance(outcome, BaseException):
             raise outcome
-        target.baseline = _checksum_of(outcome, fmt)
-        return
+        return _checksum_of(outcome, fmt)
     relation, where = mode.written(conn)
-    target.baseline = checksum.destination_checksum(conn, relation, names, where)
+    return checksum.destination_checksum(conn, relation, planned.names, where)

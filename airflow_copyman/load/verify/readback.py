@@ -15,29 +15,28 @@ streams are the same bytes row for row, whatever order the rows are in:
 The read-back's ``SELECT`` renders each column by its type's send or output function, so
 that parallel workers can share the rendering (:func:`query`): the bytes are the same.
 
-Every destination's read runs at once in one wait loop, each hashed as it arrives, so
-one slow server holds up nobody and no data is kept. A read with no data for the load's
-timeout, or a stop, is cancelled on its server (then its connection is closed if it does
-not end within :data:`bounded.CANCEL_WAIT`).
+Each read is the engine's own COPY reader (:class:`copyman.StatementProducer` with
+``digest=True``: the one loop that digests rows, the copy's and the read-backs'), run as
+steps by the engine's one driver, all at once, each hashed as it arrives, so one slow
+server holds up nobody and no data is kept. A read with no data for the load's timeout,
+or a stop, is aborted as the engine aborts a COPY: cancelled on its server from this
+thread, its end read (then its connection is closed if it does not end within
+:data:`bounded.CANCEL_WAIT`).
 
 This module imports no Airflow module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import select
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
-from psycopg import errors as e
-from psycopg import pq, sql
+from psycopg import sql
 
 from airflow_copyman import copyman
-from airflow_copyman.copyman import Digest, StreamDigest
-from airflow_copyman.copyman._digest import row_hash
+from airflow_copyman.copyman import Digest
 from airflow_copyman.load.connection import bounded
 from airflow_copyman.load.connection.bounded import Bounds
 from airflow_copyman.load.verify import checksum
@@ -48,8 +47,6 @@ RENDERING = ("TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits",
              "lc_monetary", "bytea_output")
 
 _SAVEPOINT = sql.Identifier("copyman_readback")
-_COPY_OUT = pq.ExecStatus.COPY_OUT
-_POLL = copyman.POLL
 
 
 def render_settings(source: psycopg.Connection[Any]) -> dict[str, str]:
@@ -123,110 +120,67 @@ def query(
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT {})").format(select_, sql.SQL(fmt))
 
 
+def _read_step(producer: copyman.StatementProducer) -> copyman.Steps:
+    """One read-back as the engine's steps: the source's own COPY reader (the producer),
+    digesting each row as it arrives; returns the digest."""
+    yield from producer.starting()
+    while True:
+        producer.read(copyman.BATCH_BYTES)
+        if producer.done:
+            digest = producer.digest()
+            if digest is None:  # pragma: no cover - made with digest=True
+                raise psycopg.OperationalError("the read-back kept no digest")
+            return digest
+        yield producer.fileno(), copyman.Wait.READ
+
+
 class _Read:
-    """One destination's read-back in progress."""
+    """One destination's read-back: its COPY reader and why it was cancelled, if it was."""
 
-    def __init__(self, conn: psycopg.Connection[Any], settings: dict[str, str] | None) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], statement: sql.Composed) -> None:
         self.conn = conn
-        self.pg = conn.pgconn
-        self.settings = settings
-        self.digest = StreamDigest()
-        self.copying = False  # the COPY_OUT result came: rows follow
-        self.copied = False
-        self.socket = -1
-        self.results: list[pq.abc.PGresult] = []
-        self.outcome: Digest | BaseException | None = None
-        self.cancelled: str | None = None  # why a cancel was sent
-        self.deadline = 0.0
+        self.producer = copyman.StatementProducer(conn, statement, digest=True)
+        # Its batches are only digested: no list of records is kept.
+        self.producer.keep_records = False
+        self.why: str | None = None
 
-    def start(self, statement: bytes, timeout: float) -> None:
-        checksum.with_settings(self.conn, {**PARALLEL, **(self.settings or {})}, _SAVEPOINT)
-        self.pg.send_query(statement)
-        self.socket = self.pg.socket
-        self.deadline = time.monotonic() + timeout
-
-    def advance(self, timeout: float) -> bool:
-        """Read what has arrived; True once the read-back has ended."""
-        pg = self.pg
-        pg.consume_input()
-        if not self.copying:
-            if pg.is_busy():
-                return False
-            result = pg.get_result()
-            if result is None or result.status != _COPY_OUT:
-                if result is not None:
-                    self.results.append(result)
-                return self._ending()
-            self.copying = self.copied = True
-        get = pg.get_copy_data
-        digest = self.digest
-        hashed = 0
-        messages = 0
-        first: Any = None
-        refilled = False  # libpq's buffer was just refilled from the socket
-        try:
-            while True:
-                nbytes, data = get(1)
-                if nbytes > 0:
-                    hashed += row_hash(data)
-                    if not messages:
-                        first = data
-                    messages += 1
-                    refilled = False
-                elif nbytes == 0:
-                    if refilled:
-                        break  # nothing in the socket either: wait for it
-                    pg.consume_input()
-                    refilled = True
-                else:
-                    self.copying = False  # -1: the rows ended
-                    break
-        finally:
-            if messages:
-                digest.started(first)
-                digest.total += hashed
-                digest.messages += messages
-                self.deadline = time.monotonic() + timeout  # data came: not stalled
-        if self.copying:
-            return False
-        return self._ending()
-
-    def _ending(self) -> bool:
-        pg = self.pg
-        while not pg.is_busy():
-            result = pg.get_result()
-            if result is None:
-                self.outcome = self._outcome()
-                return True
-            self.results.append(result)
-        return False
-
-    def _outcome(self) -> Digest | BaseException:
-        encoding = self.conn.info.encoding
-        for result in self.results:
-            if result.status == pq.ExecStatus.FATAL_ERROR:
-                error = e.error_from_result(result, encoding=encoding)
-                if self.cancelled is not None and isinstance(error, e.QueryCanceled):
-                    return _ended(self.cancelled)
-                return error
-        if not self.copied:  # pragma: no cover - a COPY gives COPY_OUT or an error
-            return psycopg.OperationalError("the checksum read gave no COPY")
-        return self.digest.digest()
-
-    def cancel(self, why: str) -> None:
-        self.cancelled = why
+    def cancel(self, why: str) -> copyman.Step:
+        """The abort (a cancel sent from this thread, then the COPY's end read) as a step
+        bounded by CANCEL_WAIT."""
+        self.why = why
         if why == "stopped" and isinstance(self.conn, bounded.BoundedConnection):
             self.conn.stop_handled = True  # the rollback after it must run, not be cancelled
-        bounded.send_cancel(self.conn)
-        self.deadline = time.monotonic() + bounded.CANCEL_WAIT
+        reason = copyman.Cancelled(why)
+        return copyman.Step(
+            self.producer.aborting(reason), time.monotonic() + bounded.CANCEL_WAIT
+        )
 
-    def finish(self) -> None:
-        """After the read: undo the settings (the savepoint), if the connection is usable."""
-        if self.conn.closed:
-            return
-        if isinstance(self.outcome, BaseException):
-            return  # the transaction failed: the load rolls it back
-        checksum.undo_settings(self.conn, _SAVEPOINT)
+    def outcome(self, step: copyman.Step | None) -> Digest | BaseException:
+        """What the read gave: ``step`` ended (None: it never ended, even cancelled)."""
+        if step is None:
+            self.producer.abandon()  # closes the connection: its state is unknown
+            return _ended(self.why or "stopped")
+        if self.why is not None:
+            return _ended(self.why)
+        if step.error is not None:
+            error = step.error
+            return error if isinstance(error, psycopg.Error | copyman.RowCountMismatch) else (
+                psycopg.OperationalError(str(error))
+            )
+        digest: Digest = step.value
+        return digest
+
+    def finish(self, outcome: Digest | BaseException) -> Digest | BaseException:
+        """After the read: release the connection, and undo the settings (the savepoint)
+        where the connection is usable and the read succeeded."""
+        self.producer.close()
+        if self.conn.closed or isinstance(outcome, BaseException):
+            return outcome  # the transaction failed: the load rolls it back
+        try:
+            checksum.undo_settings(self.conn, _SAVEPOINT)
+        except Exception as exc:
+            return exc
+        return outcome
 
 
 def _ended(why: str) -> BaseException:
@@ -236,64 +190,59 @@ def _ended(why: str) -> BaseException:
 
 
 def digests(
-    reads: Sequence[tuple[psycopg.Connection[Any], sql.Composable]],
+    reads: Sequence[tuple[psycopg.Connection[Any], sql.Composed]],
     settings: dict[str, str] | None,
     bounds: Bounds,
 ) -> list[Digest | BaseException]:
     """Run every ``(connection, COPY query)`` read-back at once (``settings``: the text
     rendering settings, None for binary) and digest each; per read, its digest or what
     failed (a server error, :class:`bounded.StatementTimeout` after ``bounds.timeout``
-    seconds without data, :class:`copyman.Cancelled` on a stop)."""
-    running: list[_Read] = []
+    seconds without data, :class:`copyman.Cancelled` on a stop).
+
+    The reads are the engine's steps, run by its one :class:`~airflow_copyman.copyman.Driver`:
+    a read that gets no data for ``bounds.timeout`` seconds, or every read on a stop, is
+    aborted as the engine aborts a COPY (the cancel sent from this thread, then the COPY's
+    end read, within CANCEL_WAIT; else its connection is closed)."""
     out: list[Digest | BaseException | None] = [None] * len(reads)
-    index: dict[int, int] = {}
+    started: dict[int, _Read] = {}
+    steps: dict[int, copyman.Step] = {}
     for i, (conn, statement) in enumerate(reads):
-        read = _Read(conn, settings)
         try:
-            read.start(statement.as_bytes(conn), bounds.timeout)
+            checksum.with_settings(conn, {**PARALLEL, **(settings or {})}, _SAVEPOINT)
+            read = _Read(conn, statement)
         except Exception as exc:  # a server error, a stop or a time-out of its bounds
             out[i] = exc
             continue
-        index[id(read)] = i
-        running.append(read)
-    pending = list(running)
-    stopped = False
-    while pending:
-        for read in list(pending):
-            if read.conn.closed:  # a cancel that could not be sent closed it
-                read.outcome = _ended(read.cancelled or "stopped")
-                pending.remove(read)
-                continue
-            try:
-                ended = read.advance(bounds.timeout)
-            except Exception as exc:  # the connection broke
-                read.outcome = exc if isinstance(exc, psycopg.Error) else (
-                    psycopg.OperationalError(str(exc))
-                )
-                ended = True
-            if ended:
-                pending.remove(read)
-        now = time.monotonic()
-        if pending and bounds.stop.is_set() and not stopped:
-            stopped = True
-            for read in pending:
-                read.cancel("stopped")
-        for read in list(pending):
-            if now >= read.deadline and not read.conn.closed:
-                if read.cancelled is None:
-                    read.cancel(f"no data from the server within {bounds.timeout:g} s")
-                else:  # the cancelled read did not end either: its state is unknown
-                    read.conn.close()
-                    read.outcome = _ended(read.cancelled)
-                    pending.remove(read)
-        if pending:
-            wait = min(_POLL, max(0.0, min(r.deadline for r in pending) - now))
-            with contextlib.suppress(OSError, ValueError):  # each read looks for itself
-                select.select([r.socket for r in pending], [], [], wait)
-    for read in running:
-        try:
-            read.finish()
-        except Exception as exc:
-            read.outcome = exc
-        out[index[id(read)]] = read.outcome
+        started[i] = read
+        # Data that comes moves its deadline: only a read with none for the timeout stalls.
+        steps[i] = copyman.Step(_read_step(read.producer), idle=bounds.timeout)
+    ended = _drive(started, steps, bounds)
+    for i, read in started.items():
+        out[i] = read.finish(read.outcome(ended.get(i)))
     return [o if o is not None else RuntimeError("no read-back outcome") for o in out]
+
+
+def _drive(
+    reads: dict[int, _Read], steps: dict[int, copyman.Step], bounds: Bounds
+) -> dict[int, copyman.Step]:
+    """Run the reads until each ends; the steps that ended, by read (a read whose abort
+    did not end within CANCEL_WAIT has none)."""
+    driver = copyman.Driver(steps)
+
+    def running() -> list[int]:
+        return [i for i in driver.pending if reads[i].why is None]
+
+    while True:
+        driver.run(lambda: bounds.stop.is_set() and bool(running()))
+        if bounds.stop.is_set():  # abort every read still running
+            for i in running():
+                driver.pending.pop(i).stop()
+                driver.pending[i] = reads[i].cancel("stopped")
+        for i in [i for i in driver.expired if reads[i].why is None]:
+            # No data for the timeout: abort it (a read whose abort expired too stays).
+            driver.expired.pop(i)
+            driver.pending[i] = reads[i].cancel(
+                f"no data from the server within {bounds.timeout:g} s"
+            )
+        if not driver.pending:
+            return driver.finished
