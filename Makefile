@@ -58,9 +58,10 @@ PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_ch
 	tests/airflow/test_af_types_and_encodings.py tests/airflow/test_af_modes.py \
 	tests/airflow/test_af_verify.py tests/airflow/test_af_names.py \
 	tests/airflow/test_af_waits_and_failures.py tests/test_load_progress.py \
-	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_offline_checks.py \
-	tests/airflow/test_af_progress.py tests/test_load_merge.py tests/test_load_names.py \
-	tests/test_load_replace_scope.py tests/test_load_identity.py
+	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_progress.py \
+	tests/test_load_merge.py tests/test_load_names.py tests/test_load_replace_scope.py \
+	tests/test_load_identity.py tests/test_load_format_choice.py \
+	tests/test_load_verification.py tests/test_split_publish.py
 
 test: $(STAMP) postgres lint
 	$(BIN)/pytest
