@@ -407,20 +407,8 @@ def ledger_rows(
     into ``destination`` (the staging table, as its server resolved it) by the mapped load
     task ``task_id`` for this DAG run and lineage, in the current transaction. Reads the
     ledger table's layout, which is this module's."""
-    exists = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL",
-        [sql.Identifier(schema, TABLE).as_string(conn)],
-    ).fetchone()
-    if not exists or not exists[0]:
-        return []
-    found = conn.execute(
-        sql.SQL(
-            "SELECT map_index, rows, bytes FROM {} WHERE dag_id = %s AND task_id = %s"
-            " AND run_id = %s AND lineage = %s AND conn_id = %s AND destination = %s"
-            " ORDER BY map_index"
-        ).format(sql.Identifier(schema, TABLE)),
-        [dag_id, task_id, run_id, lineage, conn_id, destination],
-    ).fetchall()
+    found = _range_rows(conn, schema, "rows, bytes",
+                        [dag_id, task_id, run_id, lineage, conn_id, destination])
     return [(int(m), int(r), int(b)) for m, r, b in found]
 
 
@@ -431,18 +419,28 @@ def ledger_checksums(
     """(map_index, checksum text or None) of the same ledger rows as :func:`ledger_rows`:
     what each range's ``verify="checksum"`` recorded (None: no checksum, or a ledger table
     made before its ``checksum`` column)."""
+    found = _range_rows(conn, schema, "to_jsonb(l) ->> 'checksum'",
+                        [dag_id, task_id, run_id, lineage, conn_id, destination])
+    return [(int(m), c) for m, c in found]
+
+
+def _range_rows(
+    conn: psycopg.Connection[Any], schema: str, columns: str, key: list[str]
+) -> list[tuple[Any, ...]]:
+    """``map_index`` and ``columns`` (SQL over the ledger row ``l``) of the ledger rows of
+    one mapped task's ranges, by (dag_id, task_id, run_id, lineage, conn_id, destination);
+    none where the schema has no ledger table."""
     exists = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL",
         [sql.Identifier(schema, TABLE).as_string(conn)],
     ).fetchone()
     if not exists or not exists[0]:
         return []
-    found = conn.execute(
+    return conn.execute(
         sql.SQL(
-            "SELECT map_index, to_jsonb(l) ->> 'checksum' FROM {} AS l WHERE dag_id = %s"
-            " AND task_id = %s AND run_id = %s AND lineage = %s AND conn_id = %s"
-            " AND destination = %s ORDER BY map_index"
-        ).format(sql.Identifier(schema, TABLE)),
-        [dag_id, task_id, run_id, lineage, conn_id, destination],
+            "SELECT map_index, {} FROM {} AS l WHERE dag_id = %s AND task_id = %s"
+            " AND run_id = %s AND lineage = %s AND conn_id = %s AND destination = %s"
+            " ORDER BY map_index"
+        ).format(sql.SQL(columns), sql.Identifier(schema, TABLE)),
+        key,
     ).fetchall()
-    return [(int(m), c) for m, c in found]
