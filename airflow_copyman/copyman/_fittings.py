@@ -27,6 +27,7 @@ class Wait(enum.Enum):
     READY = 0  # nothing pending: no need to wait for this fitting
     READ = 1  # its socket must become readable
     WRITE = 2  # its socket must become writable
+    READ_WRITE = 3  # either (a statement flushing its query also reads what comes meanwhile)
 
 
 class Fitting:

@@ -5,11 +5,12 @@ ends of a stop may take. One place, so that a change of one is seen with the oth
 
 from __future__ import annotations
 
-#: Longest single wait of the copy's loop, so that ``cancel()`` and deadlines are noticed
-#: promptly (the loop also wakes for data, so this only bounds an idle wait).
+#: Longest single wait of the copy's loop and of the one driver (so also of a load's own
+#: statements, commits and read-backs), so that ``cancel()``, a stop and deadlines are
+#: noticed promptly (the loop also wakes for data, so this only bounds an idle wait).
 MAX_WAIT = 0.5
-#: Longest single wait of a load's own statements (planning, the ledger, commits,
-#: read-backs), so that a stop is noticed promptly.
+#: Longest single wait for connections being opened (on threads: see
+#: ``load.connection.bounded.connect_all``), so that a stop is noticed promptly.
 POLL = 0.1
 #: How long a cancelled statement (or a COMMIT after a stop) may take to end.
 CANCEL_WAIT = 2.0

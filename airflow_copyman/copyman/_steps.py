@@ -6,7 +6,9 @@ cancel it, read its end) and yields ``(fd, Wait)`` whenever it cannot go on, as 
 ``generators`` yield to its ``waiting`` functions. :func:`drive` runs many steps together
 over one ``select()`` with one deadline, so a slow server never holds up the others and no
 connection is ever waited for in turn. The copy manager's data loop advances steps in
-progress (aborts of faulted receivers) the same way, between its own waits.
+progress (aborts of faulted receivers) the same way, between its own waits. A step may say
+what its deadline turns it into (``on_expire``): a statement past its deadline is not
+closed but cancelled, and goes on as a step that reads its end.
 """
 
 from __future__ import annotations
@@ -32,15 +34,22 @@ class Step:
 
     ``deadline``: when the driver gives up on it (``time.monotonic()``); ``idle``: instead,
     a deadline that each advance moves on by ``idle`` seconds (a step reading a stream
-    stalls only when nothing comes for that long)."""
+    stalls only when nothing comes for that long); ``on_expire``: called at the deadline,
+    returns the step that carries on (see :meth:`follow`), or None to give the step up."""
 
-    __slots__ = ("deadline", "done", "error", "gen", "idle", "value", "want")
+    __slots__ = ("deadline", "done", "error", "gen", "idle", "on_expire", "value", "want")
 
     def __init__(
-        self, gen: Steps, deadline: float = float("inf"), *, idle: float | None = None
+        self,
+        gen: Steps,
+        deadline: float = float("inf"),
+        *,
+        idle: float | None = None,
+        on_expire: Callable[[Step], Step | None] | None = None,
     ) -> None:
         self.gen = gen
         self.idle = idle
+        self.on_expire = on_expire
         self.deadline = deadline if idle is None else time.monotonic() + idle
         self.want: Want | None = None  # None: not started yet, advance at once
         self.done = False
@@ -64,7 +73,26 @@ class Step:
         if self.want is None:
             return True
         fd, wait = self.want
+        if wait is Wait.READ_WRITE:
+            return fd in readable or fd in writable
         return fd in (readable if wait is Wait.READ else writable)
+
+    def follow(
+        self, deadline: float, on_expire: Callable[[Step], Step | None] | None = None
+    ) -> Step:
+        """The same generator carried on under a new deadline, still waiting for what it
+        waited for (a statement cancelled at its deadline, whose end is still to read)."""
+        step = Step(self.gen, deadline, on_expire=on_expire)
+        step.want = self.want
+        return step
+
+    def expire(self) -> Step | None:
+        """At its deadline: the step that carries on, if ``on_expire`` gives one;
+        otherwise the step is given up (closed)."""
+        follow = self.on_expire(self) if self.on_expire is not None else None
+        if follow is None:
+            self.stop()
+        return follow
 
     def stop(self) -> None:
         """Give up on it (at its deadline): the caller then closes its connection."""
@@ -76,8 +104,8 @@ def select_fds(
     wants: Iterable[Want], timeout: float
 ) -> tuple[set[int], set[int]]:
     """Wait until one of the sockets is ready or ``timeout`` passes; the ready ones."""
-    rlist = [fd for fd, wait in wants if wait is Wait.READ]
-    wlist = [fd for fd, wait in wants if wait is Wait.WRITE]
+    rlist = [fd for fd, wait in wants if wait in (Wait.READ, Wait.READ_WRITE)]
+    wlist = [fd for fd, wait in wants if wait in (Wait.WRITE, Wait.READ_WRITE)]
     if not rlist and not wlist:
         return set(), set()
     try:
@@ -117,11 +145,15 @@ class Driver(Generic[K]):
             readable, writable = select_fds(wants, min(MAX_WAIT, deadline - now))
 
     def advance(self, readable: set[int], writable: set[int]) -> None:
-        """Advance the steps whose sockets are ready; expire those past their deadline."""
+        """Advance the steps whose sockets are ready; expire those past their deadline
+        (or carry them on as their ``on_expire`` says)."""
         now = time.monotonic()
         for key, step in list(self.pending.items()):
             if step.ready(readable, writable) and step.advance():
                 self.finished[key] = self.pending.pop(key)
             elif now >= step.deadline:
-                step.stop()
-                self.expired[key] = self.pending.pop(key)
+                follow = step.expire()
+                if follow is None:
+                    self.expired[key] = self.pending.pop(key)
+                else:
+                    self.pending[key] = follow

@@ -3,7 +3,9 @@ that cancels on the servers from the thread that owns the connections.
 
 A transfer's connections are :class:`BoundedConnection` objects. Once the transfer gives
 one its :class:`Bounds`, every statement psycopg runs on it (``execute``, ``commit``,
-``rollback``, a COPY's start) waits in :func:`_wait`, which ends:
+``rollback``, a COPY's start) waits in :func:`_wait`: psycopg's generator runs as a step of
+the engine's one driver (:class:`airflow_copyman.copyman.Driver`, with its limits), whose
+deadline does not abandon the statement but cancels it and goes on reading its end. It ends:
 
 * when the server answers (as psycopg's own wait does);
 * when the transfer is asked to stop (``on_kill``): the waiting thread, which owns the
@@ -34,13 +36,13 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from selectors import DefaultSelector
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as e
 from psycopg import pq
 from psycopg.waiting import Ready
+from psycopg.waiting import Wait as WaitFor
 
 from airflow_copyman import copyman
 
@@ -91,48 +93,96 @@ def connect_args(conn_args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wait(conn: BoundedConnection, gen: Generator[Any, Any, RV], bounds: Bounds) -> RV:
-    deadline = time.monotonic() + bounds.timeout
-    fileno = conn.pgconn.socket
-    expired: str | None = None
-    try:
-        state = next(gen)
-        with DefaultSelector() as selector:
-            selector.register(fileno, state)
-            while True:
-                now = time.monotonic()
-                if expired is None:
-                    if bounds.stop.is_set() and not conn.stop_handled:
-                        conn.stop_handled = True
-                        expired = "stopped"
-                    elif now >= deadline:
-                        expired = f"no answer from the server within {bounds.timeout:g} s"
-                    if expired is not None:
-                        send_cancel(conn)
-                        if conn.closed:
-                            raise _ended(expired, bounds)
-                        deadline = now + CANCEL_WAIT
-                elif now >= deadline:
-                    # The statement did not end even after the cancel: nothing more can
-                    # be known of this connection's state.
-                    conn.close()
-                    raise _ended(expired, bounds)
-                events = selector.select(timeout=max(0.0, min(POLL, deadline - now)))
-                if not events:
-                    gen.send(Ready.NONE)
-                    continue
-                new_state = gen.send(events[0][1])
-                if new_state != state:
-                    state = new_state
-                    selector.modify(fileno, state)
-    except StopIteration as ex:
+    """Run psycopg's generator ``gen`` as a step of the engine's one driver
+    (:class:`airflow_copyman.copyman.Driver`): its deadline and a stop cancel the statement
+    (:class:`_Statement`), which then goes on as a step that reads its end."""
+    statement = _Statement(conn, bounds)
+    step = copyman.Step(
+        _as_step(gen, conn.pgconn.socket),
+        time.monotonic() + bounds.timeout,
+        on_expire=statement.on_deadline,
+    )
+    driver = copyman.Driver({0: step})
+    driver.run(statement.stop_asked)
+    if driver.pending:
+        # Stopped: a stop cancels once (the rollback after it must run, not be cancelled).
+        conn.stop_handled = True
+        follow = statement.cancel(driver.pending[0], "stopped")
+        if follow is None:
+            raise _ended("stopped", bounds)
+        driver.pending[0] = follow
+        driver.run()
+    if driver.expired:
+        # The statement did not end even after the cancel: nothing more can be known of
+        # this connection's state.
+        conn.close()
+        raise _ended(statement.why or statement.no_answer(), bounds)
+    ended = driver.finished[0]
+    if ended.error is None:
         # Also when a cancel went out meanwhile: the statement ended on its own first (the
         # server dropped the cancel), and its result stands.
-        rv: RV = ex.value
+        rv: RV = ended.value
         return rv
-    except e.QueryCanceled as exc:
-        if expired is None:
-            raise  # someone else's cancel (a DBA's pg_cancel_backend): the server's error
-        raise _ended(expired, bounds) from exc
+    if isinstance(ended.error, e.QueryCanceled) and statement.why is not None:
+        raise _ended(statement.why, bounds) from ended.error
+    # Also someone else's cancel (a DBA's pg_cancel_backend): the server's error.
+    raise ended.error
+
+
+class _Statement:
+    """What a bounded statement's deadline and a stop do: send the server a cancel from
+    this (the owning) thread, then let the step read the statement's end within
+    :data:`CANCEL_WAIT`."""
+
+    def __init__(self, conn: BoundedConnection, bounds: Bounds) -> None:
+        self.conn = conn
+        self.bounds = bounds
+        #: Why the statement was cancelled, once it was (one cancel per statement).
+        self.why: str | None = None
+
+    def stop_asked(self) -> bool:
+        return self.why is None and self.bounds.stop.is_set() and not self.conn.stop_handled
+
+    def on_deadline(self, step: copyman.Step) -> copyman.Step | None:
+        if self.stop_asked():
+            self.conn.stop_handled = True
+            return self.cancel(step, "stopped")
+        return self.cancel(step, self.no_answer())
+
+    def no_answer(self) -> str:
+        return f"no answer from the server within {self.bounds.timeout:g} s"
+
+    def cancel(self, step: copyman.Step, why: str) -> copyman.Step | None:
+        """Cancel the statement; the step that reads its end, or None if the connection
+        was closed (the server could not be reached)."""
+        self.why = why
+        send_cancel(self.conn)
+        if self.conn.closed:
+            return None
+        return step.follow(time.monotonic() + CANCEL_WAIT)
+
+
+#: psycopg's waits as the engine's, and the readiness each one asks for.
+_WAITS = {
+    WaitFor.R: copyman.Wait.READ,
+    WaitFor.W: copyman.Wait.WRITE,
+    WaitFor.RW: copyman.Wait.READ_WRITE,
+}
+_READY = {WaitFor.R: Ready.R, WaitFor.W: Ready.W, WaitFor.RW: Ready.RW}
+
+
+def _as_step(gen: Generator[Any, Any, RV], fileno: int) -> copyman.Steps:
+    """psycopg's generator as a step: its waits yielded as ``(fd, Wait)``; once advanced,
+    it is told that what it waited for came. (For a wait on either, both are said: its
+    libpq calls do not block, so a side that was not ready costs one more look.)"""
+    try:
+        wait = next(gen)
+        while True:
+            yield fileno, _WAITS[wait]
+            wait = gen.send(_READY[wait])
+    except StopIteration as end:
+        rv: RV = end.value
+        return rv
 
 
 def send_cancel(conn: psycopg.Connection[Any]) -> None:
@@ -160,7 +210,14 @@ def connect_all(
     """Run every opener (a connect, bounded by its own ``connect_timeout``) at once; each
     result is the connection or what it raised. A stop ends the wait: the openers still
     running give :class:`copyman.Cancelled`, and their connections are closed when they
-    arrive."""
+    arrive.
+
+    Connecting stays on threads, not on the driver: an opener is any callable (the load's
+    endpoints connect through ``psycopg.Connection.connect``, which resolves host names,
+    tries each address in turn and applies ``connect_timeout`` per attempt inside psycopg),
+    and driving psycopg's connect generator ourselves would mean redoing that logic, and
+    the connection class and session setup each opener chooses. Each thread owns its
+    connection until it is handed back; a stop only stops waiting for it."""
     if not openers:
         return []
     pool = ThreadPoolExecutor(max_workers=min(len(openers), 16), thread_name_prefix="copyman")
