@@ -21,7 +21,7 @@ from airflow_copyman.load.catalog.relation import Relation
 DESTINATION_KEYS = frozenset(
     {
         "conn_id", "table", "columns", "truncate", "preoperator", "postoperator", "mode",
-        "replace_with", "key", "create", "key_nulls", "cascade",
+        "replace_with", "key", "create", "key_nulls", "cascade", "load_lock",
     }
 )
 MODES = ("append", "replace", "merge")
@@ -115,6 +115,10 @@ class Destination:
     :param cascade: ``mode="replace"`` into a table other tables reference by foreign keys:
         replace anyway, and let it reach them (TRUNCATE ... CASCADE empties them; DELETE
         applies each key's ON DELETE action). Default False: such a table is refused.
+    :param load_lock: take the table's load lock (default True: one load at a time per
+        table). False only with ``mode="append"`` and no ``create``: for a table that only
+        appends of independent rows write at once, such as a split load's staging table,
+        whose ranges must land side by side.
 
     In an operator's ``destinations``, every string field is templated, as in a mapping.
     """
@@ -131,6 +135,7 @@ class Destination:
     create: str = "never"
     key_nulls: str = "refuse"
     cascade: bool = False
+    load_lock: bool = True
 
     def __post_init__(self) -> None:
         # A string is one statement (or the statements it holds), never its characters.
@@ -186,6 +191,7 @@ class Destination:
             "create": self.create,
             "key_nulls": self.key_nulls,
             "cascade": self.cascade,
+            "load_lock": self.load_lock,
         }
 
     def rendered(self, render: Callable[[Any], Any]) -> Destination:
@@ -242,6 +248,9 @@ class Destination:
             cascade = value.get("cascade", False)
             if not later(cascade):
                 cascade = options.boolean("'cascade'", cascade)
+            load_lock = value.get("load_lock", True)
+            if not later(load_lock):
+                load_lock = options.boolean("'load_lock'", load_lock)
         except (options.ArgumentError, tables.PlanError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         known = not any(later(v) for v in (mode, truncate))
@@ -265,6 +274,12 @@ class Destination:
             and mode != "replace" and not (mode is None and truncate is True)
         ):
             raise ConfigError(f"{where}: 'cascade' is for mode='replace'")
+        if load_lock is False and (
+            (not later(mode) and mode not in (None, "append")) or truncate is True
+            or create not in (None, "never")
+        ):
+            # A replace, a merge or a create that another load runs beside loses rows.
+            raise ConfigError(f"{where}: load_lock=False is only for mode='append' without create")
         if mode is None:
             mode = "replace" if truncate is True else "append"
         return cls(
@@ -280,6 +295,7 @@ class Destination:
             create=create or "never",
             key_nulls=key_nulls or "refuse",
             cascade=cascade,
+            load_lock=load_lock,
         )
 
     @property

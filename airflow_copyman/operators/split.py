@@ -291,7 +291,9 @@ class _SplitLoad(_SplitTask):
                 except split.StagingError as exc:
                     raise AirflowFailException(str(exc)) from None
                 split.ensure_staging(conn, target, identity, self.lock_timeout)
-            staged.append(load.Destination(spec.conn_id, target.staging_text, columns=spec.columns))
+            staged.append(load.Destination(
+                # The ranges of one run land side by side: the staging table is theirs.
+                spec.conn_id, target.staging_text, columns=spec.columns, load_lock=False))
         hook = CopyManHook(self.source_conn_id)
         self._hook = hook
         with hook.get_conn() as conn:

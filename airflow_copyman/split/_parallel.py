@@ -141,7 +141,8 @@ def _load_ranges(
                            rng.index, task.range_lineage, task.try_number)
         return load.run(
             source, range_query(schema, name, rng, None),
-            [load.Destination(s.conn_id, targets[s.label].staging_text, columns=s.columns)
+            [load.Destination(s.conn_id, targets[s.label].staging_text, columns=s.columns,
+                              load_lock=False)
              for s in specs],
             endpoints=endpoints, ledger=load.Ledger(ledger_schema, key), options=options,
         )

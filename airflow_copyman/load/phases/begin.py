@@ -98,7 +98,7 @@ def _begin(
     try:
         # Before anything is written (a merge: before its apply, in commit; one that
         # creates its table: now, before the CREATE).
-        if not mode.lock_before_finish or planned.create:
+        if target.spec.load_lock and (not mode.lock_before_finish or planned.create):
             lock_table(run, session, lock, planned.create)
             locked = True
         doing = "creating the table"
