@@ -31,9 +31,10 @@ def checked(task_id: str, parallel: Any, sql: Any, ledger: Any) -> int:
 
 def load_parallel(
     operator: Any, ti: Any, pending: list[load.Destination], options: load.LoadOptions,
-    lineage: str,
+    lineage: str, transfers: split.RangeTransfers,
 ) -> load.TransferReport:
-    """Run the operator's load as ``operator.parallel`` ranges in one snapshot."""
+    """Run the operator's load as ``operator.parallel`` ranges in one snapshot; the running
+    ranges are kept in ``transfers`` (the operator's ``on_kill`` cancels them)."""
     conn_ids = {s.conn_id for s in pending}
     endpoints = {c: CopyManHook(c).endpoint() for c in conn_ids}
     task = split.TaskRun(
@@ -44,4 +45,5 @@ def load_parallel(
         CopyManHook(operator.source_conn_id).endpoint(), operator.sql, pending,
         endpoints=endpoints, parallel=operator.parallel, task=task,
         ledger_schema=operator.ledger_schema, options=options, log=operator.log,
+        transfers=transfers,
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from airflow_copyman import _assets, copyman, load
+from airflow_copyman import _assets, copyman, load, split
 from airflow_copyman._destinations import (
     CopyManConfigError,
     Destination,
@@ -158,6 +158,8 @@ class CopyManOperator(BaseOperator):
         self.verify = verify
         self.parallel = _parallel.checked(self.task_id, parallel, sql, ledger)
         self._hook: CopyManHook | None = None
+        #: parallel > 1: the ranges running now (on_kill cancels them).
+        self._ranges: split.RangeTransfers | None = None
         self._killed = False
         self._report: TransferReport | None = None
         # Check what can be checked before templates are rendered: a DAG with bad
@@ -272,12 +274,15 @@ class CopyManOperator(BaseOperator):
         """Load ``specs``: ``ledger`` decides which are loaded already."""
         hook = CopyManHook(self.source_conn_id)
         self._hook = hook
+        # Before the check below: a kill after it finds the ranges to cancel.
+        self._ranges = split.RangeTransfers()
         try:
             if self._killed:
                 raise AirflowException("the task was killed before the copy started")
             if self.parallel > 1:
                 # N ranges in one snapshot; publish's ledger rows say what is loaded already.
-                return _parallel.load_parallel(self, ti, specs, options, state.lineage)
+                return _parallel.load_parallel(self, ti, specs, options, state.lineage,
+                                               self._ranges)
             return hook.transfer(
                 self.sql,
                 specs,
@@ -296,6 +301,7 @@ class CopyManOperator(BaseOperator):
             raise CopyManPermanentFailure(str(exc)) from None
         finally:
             self._hook = None
+            self._ranges = None
 
     def on_kill(self) -> None:
         """Cancel every COPY and statement in flight; nothing is committed after this.
@@ -304,9 +310,11 @@ class CopyManOperator(BaseOperator):
         so it only cancels: ``execute`` then rolls everything back and fails.
         """
         self._killed = True
-        hook = self._hook
+        hook, ranges = self._hook, self._ranges
         if hook is not None:
             hook.cancel()
+        if ranges is not None:  # parallel > 1: every range's COPYs, on their servers
+            ranges.cancel()
 
     def _destination_specs(self) -> list[Destination]:
         destinations = self.destinations

@@ -15,7 +15,7 @@ from psycopg import sql
 from airflow_copyman.split._adapters import is_table_name
 from airflow_copyman.split._catalog import SourceTable, SplitPlanError, column_names, plan
 from airflow_copyman.split._catalog import source_table as plan_source
-from airflow_copyman.split._parallel import TaskRun, run_parallel
+from airflow_copyman.split._parallel import RangeTransfers, TaskRun, run_parallel
 from airflow_copyman.split._publish import (
     Published,
     PublishError,
@@ -44,6 +44,7 @@ __all__ = [
     "Published",
     "Range",
     "RangeLedger",
+    "RangeTransfers",
     "SourceTable",
     "SplitPlanError",
     "StagingError",

@@ -16,6 +16,7 @@ after a publish that committed changes nothing. Imports no Airflow module.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -32,6 +33,39 @@ from airflow_copyman.split._staging import Identity, Target, drop_leftovers, ens
 
 #: The suffix of the task id the ranges' ledger rows are keyed by.
 RANGE_TASK_SUFFIX = ".range"
+
+
+class RangeTransfers:
+    """The transfers of the ranges running now, so that another thread (the operator's
+    ``on_kill``, a signal handler) can stop them all: :meth:`cancel` only asks, each range's
+    thread sends its servers' cancels (:meth:`load.Transfer.cancel`). Once cancelled, no
+    range starts and nothing is published."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[load.Transfer] = set()
+        self.cancelled = False
+
+    def start(self, transfer: load.Transfer) -> bool:
+        """Register ``transfer``; False (not registered) once cancelled: do not run it."""
+        with self._lock:
+            if self.cancelled:
+                return False
+            self._running.add(transfer)
+            return True
+
+    def finish(self, transfer: load.Transfer) -> None:
+        with self._lock:
+            self._running.discard(transfer)
+
+    def cancel(self) -> None:
+        self.cancelled = True  # first: a range registering after this sees it
+        # The range threads hold the lock only to add or remove one item: no deadlock
+        # for a signal handler on the main thread, which never holds it.
+        with self._lock:
+            running = list(self._running)
+        for transfer in running:
+            transfer.cancel()
 
 
 @dataclass(frozen=True)
@@ -55,10 +89,14 @@ def run_parallel(
     source: load.Endpoint, table: str, destinations: Sequence[load.Destination], *,
     endpoints: Mapping[str, load.Endpoint], parallel: int, task: TaskRun,
     ledger_schema: str | None, options: load.LoadOptions, log: logging.Logger,
+    transfers: RangeTransfers | None = None,
 ) -> load.TransferReport:
     """Load ``table`` from ``source`` in ``parallel`` ranges at once, all in one exported
     snapshot, staged per destination, then publish each destination in one transaction.
-    Destinations whose ranges or publish failed are in the report as failed (unchanged)."""
+    Destinations whose ranges or publish failed are in the report as failed (unchanged).
+    ``transfers``: where the running ranges are kept for :meth:`RangeTransfers.cancel`
+    (after which nothing more is published)."""
+    transfers = transfers or RangeTransfers()
     with source.connect() as conn:
         source_table, ranges = plan(conn, table, None, parallel)
         columns = column_names(conn, source_table)
@@ -85,12 +123,17 @@ def run_parallel(
             reports = _load_ranges(
                 source, source_table.schema, source_table.name, ranges, staged, targets,
                 endpoints=endpoints, task=task, ledger_schema=ledger_schema,
-                options=replace(options, snapshot=snapshot, min_rows=0),
+                options=replace(options, snapshot=snapshot, min_rows=0), transfers=transfers,
             )
             holder.rollback()  # the ranges have read: the snapshot may go
         for spec in staged:
             errors = [r for report in reports for r in report.failed if r.conn_id == spec.conn_id
                       and r.table == targets[spec.label].staging_text]
+            if transfers.cancelled:
+                results[spec.label] = _failed(
+                    spec, load.LoadError(f"{spec.label}: stopped (cancelled): nothing "
+                                         "published"), source, endpoints)
+                continue
             if errors:
                 first = errors[0]
                 results[spec.label] = load.DestinationResult(
@@ -131,21 +174,28 @@ def _load_ranges(
     source: load.Endpoint, schema: str, name: str, ranges: list[Range],
     specs: list[load.Destination], targets: Mapping[str, Target], *,
     endpoints: Mapping[str, load.Endpoint], task: TaskRun, ledger_schema: str | None,
-    options: load.LoadOptions,
+    options: load.LoadOptions, transfers: RangeTransfers,
 ) -> list[load.TransferReport]:
-    """Every range at once (one thread each: they wait on their servers, not on Python)."""
+    """Every range at once (one thread each: they wait on their servers, not on Python),
+    each kept in ``transfers`` while it runs."""
     from airflow_copyman.split import range_query  # the package's, defined after this module
 
     def one(rng: Range) -> load.TransferReport:
         key = load.TaskKey(task.dag_id, task.task_id + RANGE_TASK_SUFFIX, task.run_id,
                            rng.index, task.range_lineage, task.try_number)
-        return load.run(
+        transfer = load.Transfer(
             source, range_query(schema, name, rng, None),
             [load.Destination(s.conn_id, targets[s.label].staging_text, columns=s.columns,
                               load_lock=False)
              for s in specs],
             endpoints=endpoints, ledger=load.Ledger(ledger_schema, key), options=options,
         )
+        if not transfers.start(transfer):
+            transfer.cancel()  # stopped before it began: it fails every destination at once
+        try:
+            return transfer.run()
+        finally:
+            transfers.finish(transfer)
 
     with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="copyman-range") as pool:
         return list(pool.map(one, ranges))

@@ -108,3 +108,17 @@ with DAG("copyman_parallel", schedule=None, start_date=START) as parallel:
                       {"conn_id": "pg_sd2", "table": "counters", "mode": "merge", "key": ["id"]}],
         retries=0,
     )
+
+
+with DAG("copyman_parallel_kill", schedule=None, start_date=START) as parallel_kill:
+    # Two ranges held back by max_bytes_per_second (per range): the test kills the task
+    # while both COPY.
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    CopyManOperator(
+        task_id="copy", source_conn_id="pg_ss", sql="counters", parallel=2,
+        max_bytes_per_second=20000,
+        destinations=[{"conn_id": "pg_sd1", "table": "counters", "mode": "replace"},
+                      {"conn_id": "pg_sd2", "table": "counters", "mode": "append"}],
+        retries=0,
+    )
