@@ -224,3 +224,29 @@ def test_application_name_names_the_task_within_63_printable_bytes() -> None:
     assert name == "copyman dag.task[3] manual__2026-12-07T05:00:00+00:00"
     long = load.application_name_for("d" * 40, "tâsk", "r" * 40)
     assert len(long.encode()) == 63 and long.isascii() and "t?sk" in long
+
+
+def test_appends_without_the_load_lock_land_side_by_side(db: Dbs) -> None:
+    """A split load's ranges append into one staging table at once: with load_lock=False
+    neither waits for the other (each sees only its own rows before its commit)."""
+    db.dst("CREATE TABLE t (id int, v text); CREATE TABLE seen (n bigint)")
+    options = {"mode": "append", "load_lock": False, "postoperator": [
+        "INSERT INTO seen SELECT count(*) FROM t", "SELECT pg_sleep(0.4)"]}
+    first, second = at_once(
+        lambda: db.run("t", options, name="range 1", tag="a", pause=0.3),
+        lambda: db.run("t", options, name="range 2", tag="b", pause=0.3),
+    )
+    assert (first.status, second.status) == ("loaded", "loaded")
+    assert db.dst("SELECT count(*), count(DISTINCT v) FROM t") == [(2000, 2000)]
+    # Both were loading at once: neither saw the other's rows before committing.
+    assert db.dst("SELECT n FROM seen ORDER BY n") == [(1000,), (1000,)]
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "merge", "key": ["id"]}, {"mode": "replace"}, {"truncate": True},
+    {"create": "if_missing"},
+])
+def test_load_lock_false_is_only_for_appends(options: dict[str, Any]) -> None:
+    with pytest.raises(load.ConfigError, match="load_lock=False is only for mode='append'"):
+        load.Destination.from_value({"conn_id": "wh", "table": "t", "load_lock": False,
+                                     **options}, 0)
