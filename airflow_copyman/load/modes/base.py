@@ -11,6 +11,7 @@ verification (read after :meth:`Mode.finish`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import psycopg
@@ -18,6 +19,14 @@ from psycopg import sql
 
 from airflow_copyman.load.catalog import tables
 from airflow_copyman.load.verify import checksum
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What a merge's apply did: the rows it inserted and those it updated."""
+
+    inserted: int
+    updated: int
 
 
 class Mode:
@@ -36,13 +45,6 @@ class Mode:
     def __init__(self, table: tables.TableName, key: Sequence[str] | None = None) -> None:
         self.table = table
         self.key = list(key or ())
-        #: The columns the COPY fills (None: every column but generated ones).
-        self.columns: list[str] | None = None
-        #: Whether the table was created by this transaction (COPY may then FREEZE).
-        self.created = False
-        #: Merge only: rows updated and inserted.
-        self.inserted: int | None = None
-        self.updated: int | None = None
 
     def check(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> str | None:
         """Why this mode cannot load the table (planning, nothing written), or None.
@@ -52,15 +54,24 @@ class Mode:
                 return f"permission denied: no {privilege} privilege (mode={self.name!r})"
         return None
 
-    def begin(self, conn: psycopg.Connection[Any]) -> None:
-        """Statements before the COPY, in the load transaction."""
+    def begin(
+        self, conn: psycopg.Connection[Any], columns: Sequence[str], *, created: bool
+    ) -> None:
+        """Statements before the COPY, in the load transaction. ``columns``: those the COPY
+        fills, as the table spells them; ``created``: the transaction created the table."""
 
-    def copy_in(self, fmt: tables.Format) -> sql.Composed:
-        """The COPY ... FROM STDIN statement."""
-        return tables.copy_in(self.table, self.columns, fmt, freeze=self.created)
+    def copy_in(
+        self, fmt: tables.Format, columns: Sequence[str], *, created: bool
+    ) -> sql.Composed:
+        """The COPY ... FROM STDIN statement (a table this transaction created: FREEZE)."""
+        return tables.copy_in(self.table, columns, fmt, freeze=created)
 
-    def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
-        """Statements after the COPY (``rows`` arrived), in the load transaction."""
+    def finish(
+        self, conn: psycopg.Connection[Any], rows: int, columns: Sequence[str]
+    ) -> MergeCounts | None:
+        """Statements after the COPY (``rows`` arrived), in the load transaction; what they
+        did (a merge's counts), or None."""
+        return None
 
     def written(
         self, conn: psycopg.Connection[Any]

@@ -33,7 +33,7 @@ from psycopg import sql
 from airflow_copyman.copyman import _versions
 from airflow_copyman.load.catalog import hints, keytypes, tables
 from airflow_copyman.load.modes import statements
-from airflow_copyman.load.modes.base import Mode
+from airflow_copyman.load.modes.base import MergeCounts, Mode
 from airflow_copyman.load.spec import DuplicateKeyError, LoadError
 
 #: The oldest version a load connects to (copyman/_versions.py: MERGE's and NULLS NOT
@@ -116,20 +116,23 @@ class Merge(Mode):
         problem = keytypes.refusal(conn, [(n, t) for n, t in types], created=False)
         return problem or super().check(conn, columns)
 
-    def begin(self, conn: psycopg.Connection[Any]) -> None:
-        assert self.columns is not None
+    def begin(
+        self, conn: psycopg.Connection[Any], columns: Sequence[str], *, created: bool
+    ) -> None:
         # ON COMMIT DROP, and created by the load transaction: gone at its end either way,
         # so a transaction that starts again (a retry, a restarted copy) creates it anew.
         # Exactly the loaded columns, with the table's types (and typmods, collations); no
         # constraints, so the duplicate-key check below can say which key repeats.
-        conn.execute(statements.create_stage(self.table.identifier, self.columns))
+        conn.execute(statements.create_stage(self.table.identifier, columns))
 
-    def copy_in(self, fmt: tables.Format) -> sql.Composed:
-        assert self.columns is not None
-        return statements.copy_into_stage(self.columns, fmt)
+    def copy_in(
+        self, fmt: tables.Format, columns: Sequence[str], *, created: bool
+    ) -> sql.Composed:
+        return statements.copy_into_stage(columns, fmt)
 
-    def finish(self, conn: psycopg.Connection[Any], rows: int) -> None:
-        assert self.columns is not None
+    def finish(
+        self, conn: psycopg.Connection[Any], rows: int, columns: Sequence[str]
+    ) -> MergeCounts:
         # The check sorts and the apply hashes the whole staging table: with the defaults
         # (4MB, 64MB) they spill to disk. Raised (never lowered) for these statements only,
         # then put back, so the postoperator runs with the session's own.
@@ -146,9 +149,10 @@ class Merge(Mode):
         if self.key_nulls != "match":
             self._refuse_null_keys(conn)
         self._refuse_duplicate_keys(conn)
-        self._apply(conn)
+        counts = self._apply(conn, columns)
         conn.execute("SELECT set_config('work_mem', %s, true)", [work_mem])
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", [maintenance])
+        return counts
 
     def _refuse_null_keys(self, conn: psycopg.Connection[Any]) -> None:
         """A staged key with a NULL matches no row: every run would insert it again."""
@@ -178,15 +182,14 @@ class Merge(Mode):
                 f"once in the source ({duplicate or 'a key is duplicated'}): nothing was written"
             ) from None
 
-    def _apply(self, conn: psycopg.Connection[Any]) -> None:
-        assert self.columns is not None
+    def _apply(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> MergeCounts:
         # Read before the statements: the transaction is unusable once one fails.
         key_indexes = self._key_indexes(conn)
         try:
-            updated = self._update(conn)
+            updated = self._update(conn, columns)
             inserted = conn.execute(
                 statements.insert_missing(
-                    self.table.identifier, self.columns, self.key, nulls_match=self._nulls_match
+                    self.table.identifier, columns, self.key, nulls_match=self._nulls_match
                 )
             ).rowcount
         except psycopg.errors.UniqueViolation as exc:
@@ -202,15 +205,14 @@ class Merge(Mode):
                 f"table {self.table}: the merge conflicted with a concurrent writer "
                 f"({_detail(exc)}): nothing was written; a retry merges it"
             ) from exc
-        self.updated, self.inserted = updated, inserted
+        return MergeCounts(inserted=inserted, updated=updated)
 
-    def _update(self, conn: psycopg.Connection[Any]) -> int:
+    def _update(self, conn: psycopg.Connection[Any], columns: Sequence[str]) -> int:
         """Update the rows whose key was staged and whose values differ; how many."""
-        assert self.columns is not None
-        if all(c in self.key for c in self.columns):  # a found row has nothing to change
+        if all(c in self.key for c in columns):  # a found row has nothing to change
             return 0
         update = statements.update_changed(
-            self.table.identifier, self.columns, self.key, self._send_functions(conn),
+            self.table.identifier, columns, self.key, self._send_functions(conn),
             nulls_match=self._nulls_match,
         )
         return 0 if update is None else conn.execute(update).rowcount

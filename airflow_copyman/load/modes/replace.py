@@ -17,6 +17,7 @@ those referencing them), and DELETE applies each key's ON DELETE action; the log
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -169,14 +170,18 @@ class ReplaceByTruncate(_Replace):
             self.label, ", ".join(reached) or "no other table", self.table,
         )
 
-    def begin(self, conn: psycopg.Connection[Any]) -> None:
-        if not self.created:
+    def begin(
+        self, conn: psycopg.Connection[Any], columns: Sequence[str], *, created: bool
+    ) -> None:
+        if not created:
             conn.execute(
                 statements.truncate(self.table.identifier, only=self.only, cascade=self.cascade)
             )
 
-    def copy_in(self, fmt: tables.Format) -> sql.Composed:
-        return tables.copy_in(self.table, self.columns, fmt, freeze=self.freeze or self.created)
+    def copy_in(
+        self, fmt: tables.Format, columns: Sequence[str], *, created: bool
+    ) -> sql.Composed:
+        return tables.copy_in(self.table, columns, fmt, freeze=self.freeze or created)
 
 
 class ReplaceByDelete(_Replace):
@@ -192,8 +197,10 @@ class ReplaceByDelete(_Replace):
                 _what_delete_does(action, deferred),
             )
 
-    def begin(self, conn: psycopg.Connection[Any]) -> None:
-        if not self.created:
+    def begin(
+        self, conn: psycopg.Connection[Any], columns: Sequence[str], *, created: bool
+    ) -> None:
+        if not created:
             conn.execute(statements.delete_all(self.table.identifier, only=self.only))
 
 

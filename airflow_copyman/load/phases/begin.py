@@ -111,11 +111,11 @@ def _begin(
             doing = "describing the columns for the checksum"
             renderings = verify.take_renderings(session, planned)
         doing = f"starting mode={mode.name!r}"
-        if mode.lock_mode == "ACCESS EXCLUSIVE" and not mode.created:
+        if mode.lock_mode == "ACCESS EXCLUSIVE" and not planned.create:
             doing = "locking the table for TRUNCATE"
             lock_exclusively(run, session, lock)
             doing = f"starting mode={mode.name!r}"
-        mode.begin(conn)
+        mode.begin(conn, planned.names, created=planned.create)
         doing = "running the preoperator"
         for statement in target.spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]

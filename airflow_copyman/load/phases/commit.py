@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Literal
 
 import psycopg
 
 from airflow_copyman import copyman
 from airflow_copyman.load.connection import bounded, classify
 from airflow_copyman.load.ledger.table import Extras
+from airflow_copyman.load.modes.base import MergeCounts
 from airflow_copyman.load.phases import verify
 from airflow_copyman.load.phases.begin import Loading
 from airflow_copyman.load.phases.copy import CopyOutcome
@@ -45,15 +47,24 @@ def commit(
     # order, so two loads of the same tables never wait on each other in a circle);
     # verify="checksum" then reads what it wrote.
     in_order = sorted(complete, key=lambda one: one.lock.key)
-    finished = [one for one in in_order if _finish(run, plan, one, copied)]
+    # Each finished destination's merge counts (None: not a merge), by its label.
+    counts: dict[str, MergeCounts | None] = {}
+    for one in in_order:
+        finished = _finish(run, plan, one, copied)
+        if finished is not False:
+            counts[one.label] = finished
+    loaded = [one for one in in_order if one.label in counts]
     # verify="checksum": before the postoperator runs, before the ledger row.
-    verified = verify.verify(run, rendering, plan, finished, copied)
-    ready = [one for one in verified if _postoperate(run, one) and _record(run, one, copied)]
+    verified = verify.verify(run, rendering, plan, loaded, copied)
+    ready = [
+        one for one in verified
+        if _postoperate(run, one) and _record(run, one, copied, counts[one.label])
+    ]
     if run.stopped:
         for one in ready:
             run.drop(one.session, copyman.Cancelled("the task was killed"), "committing")
         return []
-    return _commit_all(run, ready, copied)
+    return _commit_all(run, ready, copied, counts)
 
 
 def _enough_rows(run: Run, loading: list[Loading], copied: CopyOutcome) -> bool:
@@ -88,9 +99,11 @@ def _complete(run: Run, loading: list[Loading], copied: CopyOutcome) -> list[Loa
     return complete
 
 
-def _finish(run: Run, plan: Plan, one: Loading, copied: CopyOutcome) -> bool:
-    """After the COPY, in the load transaction: the mode's end (the merge). False
-    (rolled back) if it fails."""
+def _finish(
+    run: Run, plan: Plan, one: Loading, copied: CopyOutcome
+) -> MergeCounts | Literal[False] | None:
+    """After the COPY, in the load transaction: the mode's end (the merge), and what it
+    did (the merge's counts; None for the other modes). False (rolled back) if it fails."""
     mode = one.target.mode
     doing = f"applying the {mode.name}"
     try:
@@ -98,14 +111,13 @@ def _finish(run: Run, plan: Plan, one: Loading, copied: CopyOutcome) -> bool:
             doing = "taking the table's load lock"
             lock_table(run, one.session, one.lock, plan.of(one.target).create)
             doing = f"applying the {mode.name}"
-        mode.finish(one.conn, copied.rows_of(one.target))
+        return mode.finish(one.conn, copied.rows_of(one.target), plan.of(one.target).names)
     except psycopg.Error as exc:
         run.drop(one.session, lock_failed(run, one.session, one.lock, exc), doing)
         return False
     except (copyman.Cancelled, LoadError) as exc:
         run.drop(one.session, exc, doing)
         return False
-    return True
 
 
 def _postoperate(run: Run, one: Loading) -> bool:
@@ -124,14 +136,19 @@ def _postoperate(run: Run, one: Loading) -> bool:
     return True
 
 
-def _record(run: Run, one: Loading, copied: CopyOutcome) -> bool:
+def _record(
+    run: Run, one: Loading, copied: CopyOutcome, counts: MergeCounts | None
+) -> bool:
     """The ledger row, in the load transaction: False (rolled back) if it fails, or if
     another try of this task loaded the destination meanwhile."""
     if run.ledger is None:
         return True
     target = one.target
     # Known by now: the checksum (verify), the merge's counts (_finish).
-    extras = Extras(target.mode.inserted, target.mode.updated, target.result.checksum)
+    extras = Extras(
+        counts.inserted if counts else None, counts.updated if counts else None,
+        target.result.checksum,
+    )
     try:
         entry = run.ledger.record_load(
             one.conn, slot(target), copied.rows_of(target), copied.received[one.label][1],
@@ -150,7 +167,12 @@ def _record(run: Run, one: Loading, copied: CopyOutcome) -> bool:
     return False
 
 
-def _commit_all(run: Run, ready: list[Loading], copied: CopyOutcome) -> list[DestinationResult]:
+def _commit_all(
+    run: Run,
+    ready: list[Loading],
+    copied: CopyOutcome,
+    counts: Mapping[str, MergeCounts | None],
+) -> list[DestinationResult]:
     """The COMMITs, sent together and waited for together."""
     outcomes = bounded.commit_all(
         [one.conn for one in ready], run.options.receiver_timeout, run.bounds.stop
@@ -158,7 +180,7 @@ def _commit_all(run: Run, ready: list[Loading], copied: CopyOutcome) -> list[Des
     committed = []
     for one, error in zip(ready, outcomes, strict=True):
         if error is None:
-            committed.append(_committed(run, one, copied))
+            committed.append(_committed(run, one, copied, counts[one.label]))
             continue
         run.fail(one.target, error, "committing")
         if isinstance(error, psycopg.OperationalError):
@@ -171,15 +193,17 @@ def _commit_all(run: Run, ready: list[Loading], copied: CopyOutcome) -> list[Des
     return committed
 
 
-def _committed(run: Run, one: Loading, copied: CopyOutcome) -> DestinationResult:
+def _committed(
+    run: Run, one: Loading, copied: CopyOutcome, counts: MergeCounts | None
+) -> DestinationResult:
     target = one.target
     result = target.result
     result.status = "loaded"
     result.rows, result.bytes = copied.rows_of(target), copied.received[one.label][1]
     result.try_number = run.ledger.try_number if run.ledger else None
     result.seconds = time.monotonic() - one.started
-    if target.mode.name == "merge":
-        result.inserted, result.updated = target.mode.inserted, target.mode.updated
+    if counts is not None:
+        result.inserted, result.updated = counts.inserted, counts.updated
     # Committed only once its count (and checksum) matched the source's.
     result.verification = Verification(
         True, copied.server_rows, copied.received[one.label][0],

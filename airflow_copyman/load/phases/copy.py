@@ -129,7 +129,11 @@ def _set_up(
         )
         receivers: Receivers = {}
         for one in loading:
-            receiver = copyman.StatementReceiver(one.conn, one.target.mode.copy_in(plan.format))
+            planned = plan.of(one.target)
+            statement = one.target.mode.copy_in(
+                plan.format, planned.names, created=planned.create
+            )
+            receiver = copyman.StatementReceiver(one.conn, statement)
             receivers[receiver] = one
         # The engine checks the sessions here (the pinned settings make them agree).
         manager = copyman.CopyManager(

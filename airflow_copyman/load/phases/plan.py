@@ -252,8 +252,8 @@ def _plan_target(
     if mismatch:
         return f"column count mismatch: {mismatch}"
     # The names as the table spells them: what the mode's statements name.
-    mode.columns = [c.name for c in columns]
-    return mode.check(conn, mode.columns) or DestinationPlan(tuple(columns))
+    planned = DestinationPlan(tuple(columns))
+    return mode.check(conn, planned.names) or planned
 
 
 def _plan_creation(session: Session, source_columns: list[Column]) -> DestinationPlan | str:
@@ -285,8 +285,6 @@ def _plan_creation(session: Session, source_columns: list[Column]) -> Destinatio
     )
     if problem is not None:
         return problem
-    mode.created = True
-    mode.columns = list(names)
     return DestinationPlan(tuple(planned), create=True)
 
 
