@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import psycopg
 
@@ -29,6 +29,16 @@ from airflow_copyman.load.spec import (
 )
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A destination whose transaction holds the mode's end: what the mode did (a merge's
+    counts, else None) and, once verified, the checksum it matched."""
+
+    one: Loading
+    counts: MergeCounts | None
+    checksum: str | None = None
+
+
 def commit(
     run: Run,
     rendering: verify.Rendering,
@@ -47,24 +57,16 @@ def commit(
     # order, so two loads of the same tables never wait on each other in a circle);
     # verify="checksum" then reads what it wrote.
     in_order = sorted(complete, key=lambda one: one.lock.key)
-    # Each finished destination's merge counts (None: not a merge), by its label.
-    counts: dict[str, MergeCounts | None] = {}
-    for one in in_order:
-        finished = _finish(run, plan, one, copied)
-        if finished is not False:
-            counts[one.label] = finished
-    loaded = [one for one in in_order if one.label in counts]
+    finished = [f for one in in_order if (f := _finish(run, plan, one, copied)) is not None]
     # verify="checksum": before the postoperator runs, before the ledger row.
-    verified = verify.verify(run, rendering, plan, loaded, copied)
-    ready = [
-        one for one in verified
-        if _postoperate(run, one) and _record(run, one, copied, counts[one.label])
-    ]
+    passed = verify.verify(run, rendering, plan, [f.one for f in finished], copied)
+    verified = [replace(f, checksum=passed[f.one.label]) for f in finished if f.one.label in passed]
+    ready = [f for f in verified if _postoperate(run, f.one) and _record(run, f, copied)]
     if run.stopped:
-        for one in ready:
-            run.drop(one.session, copyman.Cancelled("the task was killed"), "committing")
+        for f in ready:
+            run.drop(f.one.session, copyman.Cancelled("the task was killed"), "committing")
         return []
-    return _commit_all(run, ready, copied, counts)
+    return _commit_all(run, ready, copied)
 
 
 def _enough_rows(run: Run, loading: list[Loading], copied: CopyOutcome) -> bool:
@@ -99,11 +101,9 @@ def _complete(run: Run, loading: list[Loading], copied: CopyOutcome) -> list[Loa
     return complete
 
 
-def _finish(
-    run: Run, plan: Plan, one: Loading, copied: CopyOutcome
-) -> MergeCounts | Literal[False] | None:
+def _finish(run: Run, plan: Plan, one: Loading, copied: CopyOutcome) -> Finished | None:
     """After the COPY, in the load transaction: the mode's end (the merge), and what it
-    did (the merge's counts; None for the other modes). False (rolled back) if it fails."""
+    did. None (rolled back) if it fails."""
     mode = one.target.mode
     doing = f"applying the {mode.name}"
     try:
@@ -111,13 +111,14 @@ def _finish(
             doing = "taking the table's load lock"
             lock_table(run, one.session, one.lock, plan.of(one.target).create)
             doing = f"applying the {mode.name}"
-        return mode.finish(one.conn, copied.rows_of(one.target), plan.of(one.target).names)
+        counts = mode.finish(one.conn, copied.rows_of(one.target), plan.of(one.target).names)
     except psycopg.Error as exc:
         run.drop(one.session, lock_failed(run, one.session, one.lock, exc), doing)
-        return False
+        return None
     except (copyman.Cancelled, LoadError) as exc:
         run.drop(one.session, exc, doing)
-        return False
+        return None
+    return Finished(one, counts)
 
 
 def _postoperate(run: Run, one: Loading) -> bool:
@@ -136,18 +137,15 @@ def _postoperate(run: Run, one: Loading) -> bool:
     return True
 
 
-def _record(
-    run: Run, one: Loading, copied: CopyOutcome, counts: MergeCounts | None
-) -> bool:
+def _record(run: Run, finished: Finished, copied: CopyOutcome) -> bool:
     """The ledger row, in the load transaction: False (rolled back) if it fails, or if
     another try of this task loaded the destination meanwhile."""
     if run.ledger is None:
         return True
-    target = one.target
-    # Known by now: the checksum (verify), the merge's counts (_finish).
+    one, counts, target = finished.one, finished.counts, finished.one.target
     extras = Extras(
         counts.inserted if counts else None, counts.updated if counts else None,
-        target.result.checksum,
+        finished.checksum,
     )
     try:
         entry = run.ledger.record_load(
@@ -168,19 +166,17 @@ def _record(
 
 
 def _commit_all(
-    run: Run,
-    ready: list[Loading],
-    copied: CopyOutcome,
-    counts: Mapping[str, MergeCounts | None],
+    run: Run, ready: list[Finished], copied: CopyOutcome
 ) -> list[DestinationResult]:
     """The COMMITs, sent together and waited for together."""
     outcomes = bounded.commit_all(
-        [one.conn for one in ready], run.options.receiver_timeout, run.bounds.stop
+        [f.one.conn for f in ready], run.options.receiver_timeout, run.bounds.stop
     )
     committed = []
-    for one, error in zip(ready, outcomes, strict=True):
+    for finished, error in zip(ready, outcomes, strict=True):
+        one = finished.one
         if error is None:
-            committed.append(_committed(run, one, copied, counts[one.label]))
+            committed.append(_committed(run, finished, copied))
             continue
         run.fail(one.target, error, "committing")
         if isinstance(error, psycopg.OperationalError):
@@ -193,10 +189,8 @@ def _commit_all(
     return committed
 
 
-def _committed(
-    run: Run, one: Loading, copied: CopyOutcome, counts: MergeCounts | None
-) -> DestinationResult:
-    target = one.target
+def _committed(run: Run, finished: Finished, copied: CopyOutcome) -> DestinationResult:
+    one, counts, target = finished.one, finished.counts, finished.one.target
     result = target.result
     result.status = "loaded"
     result.rows, result.bytes = copied.rows_of(target), copied.received[one.label][1]
@@ -204,6 +198,7 @@ def _committed(
     result.seconds = time.monotonic() - one.started
     if counts is not None:
         result.inserted, result.updated = counts.inserted, counts.updated
+    result.checksum = finished.checksum
     # Committed only once its count (and checksum) matched the source's.
     result.verification = Verification(
         True, copied.server_rows, copied.received[one.label][0],

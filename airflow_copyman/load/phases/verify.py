@@ -54,11 +54,12 @@ class Rendering:
 
 def verify(
     run: Run, rendering: Rendering, plan: Plan, loading: list[Loading], copied: CopyOutcome
-) -> list[Loading]:
-    """Verify ``loading`` (each with a complete COPY) at once; returns those that pass
-    (the others failed and were rolled back)."""
+) -> dict[str, str | None]:
+    """Verify ``loading`` (each with a complete COPY) at once; returns those that pass, by
+    label, with the checksum they matched (None: ``verify`` is not "checksum"). The others
+    failed and were rolled back."""
     if run.verify != "checksum" or not loading:
-        return loading
+        return {one.label: None for one in loading}
     outcomes: dict[int, Checksum | BaseException] = {}
     by_text = [t for t in loading if not plan.of(t.target).by_stream]
     if by_text:
@@ -68,13 +69,12 @@ def verify(
     if by_stream:
         checked = _verify_by_stream(rendering, by_stream, plan, copied)
         outcomes.update(zip(map(id, by_stream), checked, strict=True))
-    passed = []
+    passed: dict[str, str | None] = {}
     for one in loading:
         outcome = outcomes[id(one)]
         if isinstance(outcome, Checksum):
-            one.target.result.checksum = outcome.text
             run.log.info("%s: checksum verified (%s)", one.label, outcome)
-            passed.append(one)
+            passed[one.label] = outcome.text
         else:
             run.drop(one.session, outcome, "verifying the checksum")
     return passed
