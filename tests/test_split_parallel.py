@@ -72,7 +72,10 @@ def test_parallel_ranges_read_one_exported_snapshot_under_concurrent_updates(
     log.addHandler(reader)
     task = split.TaskRun("dag", "copy", "run-1", -1, "L1", 1)
     specs = [load.Destination("dst", "items", mode="replace"),
-             load.Destination("dst", "merged", mode="merge", key=("id",))]
+             load.Destination("dst", "merged", mode="merge", key=("id",)),
+             # Missing: staged with the source's types, created when published.
+             load.Destination("dst", "created", mode="merge", key=("id",),
+                              create="if_missing")]
     before = updates[0]
     report = split.run_parallel(
         load.postgres("src", src.uri()), "items", specs,
@@ -84,9 +87,10 @@ def test_parallel_ranges_read_one_exported_snapshot_under_concurrent_updates(
     assert reader.rows is not None and len(reader.rows) >= ROWS
     assert dst.execute("SELECT id, v FROM items ORDER BY id") == reader.rows
     assert dst.execute("SELECT id, v FROM merged ORDER BY id") == reader.rows
-    assert [r.rows for r in report.destinations] == [len(reader.rows)] * 2
+    assert dst.execute("SELECT id, v FROM created ORDER BY id") == reader.rows
+    assert [r.rows for r in report.destinations] == [len(reader.rows)] * 3
     # Every range recorded itself, and no staging table is left.
-    assert dst.scalar("SELECT count(*) FROM copyman_ledger WHERE task_id = 'copy.range'") == 4
+    assert dst.scalar("SELECT count(*) FROM copyman_ledger WHERE task_id = 'copy.range'") == 6
     assert dst.scalar("SELECT count(*) FROM pg_class WHERE relname LIKE 'copyman_stage_%'") == 0
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
 from airflow_copyman.load.catalog.relation import Relation
-from airflow_copyman.load.catalog.tables import Params, PlanError, Source, TableName
+from airflow_copyman.load.catalog.tables import Column, Params, PlanError, Source, TableName
 from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT, BoundedConnection
 from airflow_copyman.load.connection.classify import describe as describe_error
 from airflow_copyman.load.connection.classify import is_permanent
@@ -54,6 +54,10 @@ from airflow_copyman.load.ledger.table import (
 )
 from airflow_copyman.load.modes import statements as mode_sql
 from airflow_copyman.load.modes.base import Mode
+from airflow_copyman.load.modes.create import key_constraint as create_key_constraint
+from airflow_copyman.load.modes.create import refusal as create_refusal
+from airflow_copyman.load.modes.create import schema_for as create_schema_for
+from airflow_copyman.load.modes.create import statement as create_statement
 from airflow_copyman.load.modes.merge import MergeConflictError, NullKeyError
 from airflow_copyman.load.modes.merge import key_indexes as merge_key_indexes
 from airflow_copyman.load.modes.merge import send_functions as merge_send_functions
@@ -100,6 +104,7 @@ __all__ = [
     "BoundedConnection",
     "Checksum",
     "ChecksumMismatch",
+    "Column",
     "ConfigError",
     "Destination",
     "DestinationResult",
@@ -136,6 +141,10 @@ __all__ = [
     "check_ledger_schema",
     "check_sql",
     "connection_args",
+    "create_key_constraint",
+    "create_refusal",
+    "create_schema_for",
+    "create_statement",
     "describe_error",
     "destinations_from",
     "is_deferred",

@@ -75,13 +75,11 @@ def check_arguments(
         except CopyManConfigError as exc:
             raise ValueError(f"{group_id}: {exc}") from None
         for spec in specs:
-            if spec.create == "if_missing":
-                fail(f"destinations: {spec.label}: create='if_missing' is not supported by a "
-                     "split load (its staging table copies the destination table's definition)")
             if not stage and (spec.mode != "append" or spec.statements
-                              or spec.post_statements):
+                              or spec.post_statements or spec.create == "if_missing"):
                 fail(f"stage: {spec.label}: stage=False loads each range straight into the "
-                     "table: only for mode='append' without preoperator or postoperator")
+                     "table: only for mode='append' into a table that exists, without "
+                     "preoperator or postoperator")
 
 
 class CopyManSplitGroup(TaskGroup):
@@ -94,7 +92,8 @@ class CopyManSplitGroup(TaskGroup):
     :param split_by: the column to split by (integer, numeric, date, timestamp); default:
         the table's single-column integer primary key, else ``ctid`` block ranges.
     :param parts: how many key ranges (1..1024); rows with a NULL key are one more range.
-    :param destinations: as ``CopyManOperator``'s (tables must exist). (templated)
+    :param destinations: as ``CopyManOperator``'s; ``create="if_missing"`` stages with the
+        source's columns and creates the table when it publishes. (templated)
     :param max_active_parts: at most this many ranges load at once in one DAG run.
     :param resume_on_clear: a cleared DAG run keeps what its ranges staged (default: a
         cleared run loads every range again, into a new staging table).
@@ -287,10 +286,11 @@ class _SplitLoad(_SplitTask):
             identity = self.identity(context, lineage, spec)
             with CopyManHook(spec.conn_id).get_conn() as conn:
                 try:
-                    target = split.target(conn, spec.table, identity)
+                    target = split.prepare(
+                        conn, spec, identity, self.lock_timeout, self._source_columns
+                    )
                 except split.StagingError as exc:
                     raise AirflowFailException(str(exc)) from None
-                split.ensure_staging(conn, target, identity, self.lock_timeout)
             staged.append(load.Destination(
                 # The ranges of one run land side by side: the staging table is theirs.
                 spec.conn_id, target.staging_text, columns=spec.columns, load_lock=False))
@@ -310,6 +310,15 @@ class _SplitLoad(_SplitTask):
             max_bytes_per_second=self.max_bytes_per_second, verify=self.verify,
         )
         return report.as_dict()
+
+    def _source_columns(self) -> list[load.Column]:
+        """The source table's columns, with their exact types (a staging table for a table
+        that ``create="if_missing"`` makes at publish)."""
+        with CopyManHook(self.source_conn_id).get_conn() as conn:
+            try:
+                return load.Source.parse(self.table).describe(conn, None)
+            finally:
+                conn.rollback()
 
     def on_kill(self) -> None:
         """Cancel the range's COPY and statements in flight (as CopyManOperator does):
@@ -425,7 +434,8 @@ class _SplitPublish(_SplitTask):
         hook = CopyManHook(spec.conn_id)
         try:
             with hook.get_conn() as conn:
-                target = split.target(conn, spec.table, self.identity(context, lineage, spec))
+                target = split.target(conn, spec.table, self.identity(context, lineage, spec),
+                                      create=spec.create == "if_missing")
                 targets.append((spec, target))
                 if not self.stage:
                     done = split.landed(conn, spec, target, ranges)
@@ -452,7 +462,7 @@ class _SplitPublish(_SplitTask):
             mode=spec.mode, inserted=done.inserted, updated=done.updated,
             try_number=done.try_number or context["ti"].try_number,
             relation=_adapters.relation(
-                target.database, target.schema, target.name, target.key, target.oid
+                target.database, target.schema, target.name, target.key, done.oid or target.oid
             ),
         )
 

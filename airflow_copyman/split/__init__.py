@@ -32,6 +32,7 @@ from airflow_copyman.split._staging import (
     drop_leftovers,
     ensure_staging,
     leftovers,
+    prepare,
     staging_name,
     target,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "leftovers",
     "plan",
     "plan_source",
+    "prepare",
     "publish",
     "range_query",
     "run_parallel",

@@ -12,7 +12,7 @@ __all__ = [
 ]
 
 
-def relation(database: str, schema: str, name: str, key: str, oid: int) -> Relation:
+def relation(database: str, schema: str, name: str, key: str, oid: int | None) -> Relation:
     """A destination table as the load layer names it (for its result: asset URIs)."""
     return Relation(database, schema, name, key=key, oid=oid)
 

@@ -29,7 +29,7 @@ from airflow_copyman.split import _adapters
 from airflow_copyman.split._catalog import column_names, plan
 from airflow_copyman.split._publish import Published, RangeLedger, publish, staged_rows
 from airflow_copyman.split._ranges import Range
-from airflow_copyman.split._staging import Identity, Target, drop_leftovers, ensure_staging, target
+from airflow_copyman.split._staging import Identity, Target, drop_leftovers, prepare
 
 #: The suffix of the task id the ranges' ledger rows are keyed by.
 RANGE_TASK_SUFFIX = ".range"
@@ -107,8 +107,8 @@ def run_parallel(
     for spec in destinations:
         try:
             with endpoints[spec.conn_id].connect() as conn:
-                found = target(conn, spec.table, _identity(task, spec))
-                ensure_staging(conn, found, _identity(task, spec), options.lock_timeout)
+                found = prepare(conn, spec, _identity(task, spec), options.lock_timeout,
+                                lambda: _describe(source, table))
             targets[spec.label] = found
         except Exception as exc:
             results[spec.label] = _failed(spec, exc, source, endpoints)
@@ -152,6 +152,16 @@ def run_parallel(
         max((r.rows or 0 for r in done), default=0), max((r.bytes or 0 for r in done), default=0),
         options.format, 0.0, ordered,
     )
+
+
+def _describe(source: load.Endpoint, table: str) -> list[load.Column]:
+    """The source table's columns with their exact types (staging for a table that
+    ``create="if_missing"`` makes at publish)."""
+    with source.connect() as conn:
+        try:
+            return load.Source.parse(table).describe(conn, None)
+        finally:
+            conn.rollback()
 
 
 def _identity(task: TaskRun, spec: load.Destination) -> Identity:
@@ -240,7 +250,7 @@ def _publish_one(
         rows=done.rows, bytes=done.bytes, mode=spec.mode, inserted=done.inserted,
         updated=done.updated, try_number=done.try_number or task.try_number,
         relation=_adapters.relation(found.database, found.schema, found.name, found.key,
-                                    found.oid),
+                                    done.oid or found.oid),
     )
 
 

@@ -11,7 +11,7 @@ dropped. Readers see the old rows until the commit. Imports no Airflow module.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -19,7 +19,7 @@ from psycopg import sql
 
 from airflow_copyman import load
 from airflow_copyman.split import _adapters
-from airflow_copyman.split._staging import Target, _set_lock_timeout
+from airflow_copyman.split._staging import Target, _set_lock_timeout, create_like_staging
 
 #: The longest wait for the staging table's rows while checksumming them (seconds).
 CHECKSUM_TIMEOUT = 300.0
@@ -56,6 +56,8 @@ class Published:
     updated: int | None = None
     already: bool = False
     try_number: int | None = None
+    #: The table's OID (publish may have created it).
+    oid: int | None = None
 
 
 def publish(
@@ -89,7 +91,9 @@ def publish(
             columns = list(spec.columns) if spec.columns else source_columns
             _check_checksum(conn, spec, target, ranges, columns, render_settings, timeout)
         # One load of the table at a time: the same lock every CopyMan load of it takes.
-        load.take_load_lock(conn, target.key, lock_timeout)
+        load.take_load_lock(conn, target.key, lock_timeout, new_table=(
+            None if target.oid is not None else (target.schema, target.name)))
+        target = _created(conn, spec, target)
         for statement in spec.statements:
             conn.execute(statement)  # type: ignore[call-overload]
         inserted, updated = _apply(conn, spec, target, source_columns, lock_timeout)
@@ -113,7 +117,33 @@ def publish(
     except BaseException:
         conn.rollback()
         raise
-    return Published(rows, nbytes, inserted, updated)
+    return Published(rows, nbytes, inserted, updated, oid=target.oid)
+
+
+def _created(conn: psycopg.Connection[Any], spec: load.Destination, target: Target) -> Target:
+    """``create="if_missing"``: the table, made in the publish transaction (from the staging
+    table's columns) unless it exists now; with its OID. Under the load lock, so two
+    publishes never both create it."""
+    if target.oid is None:
+        # Read from pg_class itself: a name lookup may answer from this session's catalog
+        # cache, which the advisory lock does not refresh, and miss a table just committed.
+        oid = _oid(conn, target)
+        if oid is None:
+            conn.execute(create_like_staging(
+                target, spec.key if spec.mode == "merge" else None, spec.key_nulls == "match"
+            ))
+            oid = _oid(conn, target)
+        assert oid is not None
+        target = replace(target, oid=oid)
+    return target
+
+
+def _oid(conn: psycopg.Connection[Any], target: Target) -> int | None:
+    row = conn.execute(
+        "SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s", [target.schema, target.name],
+    ).fetchone()
+    return int(row[0]) if row else None
 
 
 def _drop_staging(conn: psycopg.Connection[Any], target: Target) -> None:

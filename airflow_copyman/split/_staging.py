@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from airflow_copyman import load
 
 PREFIX = "copyman_stage_"
 COMMENT_PREFIX = "copyman split staging "
@@ -55,9 +57,10 @@ def staging_name(table_name: str, identity: Identity) -> str:
 @dataclass(frozen=True)
 class Target:
     """A destination table and its staging table, as the destination's server resolved
-    them."""
+    them. ``oid`` None: the table does not exist yet and publish creates it
+    (``create="if_missing"``), like the staging table."""
 
-    oid: int
+    oid: int | None
     schema: str
     name: str
     staging: str
@@ -98,9 +101,12 @@ class StagingError(Exception):
     permanent = True
 
 
-def target(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Target:
-    """Resolve the destination table (which must exist) and name its staging table.
-    Ends the transaction it opens."""
+def target(
+    conn: psycopg.Connection[Any], table: str, identity: Identity, *, create: bool = False
+) -> Target:
+    """Resolve the destination table and name its staging table: the table must exist
+    unless ``create`` (then a missing one is named where it would be created, ``oid``
+    None). Ends the transaction it opens."""
     try:
         row = conn.execute(
             "SELECT c.oid::bigint, n.nspname::text, c.relname::text, c.relkind::text,"
@@ -109,25 +115,76 @@ def target(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Tar
             " WHERE c.oid = to_regclass(%s)",
             [table],
         ).fetchone()
+        if row is None and create:
+            return _missing(conn, table, identity)
     finally:
         conn.rollback()
     if row is None:
         raise StagingError(
             f"{identity.conn_id}: destination table {table!r} does not exist (a split load "
-            "stages into a copy of its definition: create it first)"
+            "stages into a copy of its definition: create it first, or give "
+            "create='if_missing')"
         )
     if row[3] not in ("r", "p"):
         raise StagingError(f"{identity.conn_id}: {table!r} is not a table (relkind {row[3]!r})")
     return Target(int(row[0]), row[1], row[2], staging_name(row[2], identity), row[4])
 
 
+def _missing(conn: psycopg.Connection[Any], table: str, identity: Identity) -> Target:
+    """A table ``create="if_missing"`` will create: named as the server would name it."""
+    name = load.TableName.parse(table)
+    if name is None:
+        raise StagingError(f"{identity.conn_id}: {table!r} is not a table name")
+    schema = load.create_schema_for(conn, name)
+    if schema is None:
+        raise StagingError(
+            f"{identity.conn_id}: table {table!r} does not exist, and create='if_missing' "
+            "finds no schema to create it in (none of the search_path exists): name the schema"
+        )
+    database = conn.execute("SELECT current_database()::text").fetchone()
+    staging = staging_name(name.name, identity)
+    return Target(None, schema, name.name, staging, database[0] if database else "")
+
+
+def prepare(
+    conn: psycopg.Connection[Any], spec: load.Destination, identity: Identity,
+    lock_timeout: float, source_columns: Callable[[], Sequence[load.Column]],
+) -> Target:
+    """The destination's target and its staging table, made unless it exists (commits).
+    A missing table with ``create="if_missing"``: checked as a load that creates it would
+    be (schema, privilege, collations, the merge key's type), and staged with the source's
+    columns (``source_columns``, asked only then; named as ``spec.columns`` says)."""
+    found = target(conn, spec.table, identity, create=spec.create == "if_missing")
+    if found.oid is not None:
+        ensure_staging(conn, found, identity, lock_timeout)
+        return found
+    columns = list(source_columns())
+    if spec.columns is not None:
+        if len(spec.columns) != len(columns):
+            raise StagingError(
+                f"{spec.label}: create='if_missing': 'columns' names {len(spec.columns)} "
+                f"columns, the source has {len(columns)}"
+            )
+        columns = [replace(c, name=n) for c, n in zip(columns, spec.columns, strict=True)]
+    table = load.TableName(found.schema, found.name)
+    try:
+        problem = load.create_refusal(conn, table, columns, spec.key)
+    finally:
+        conn.rollback()
+    if problem is not None:
+        raise StagingError(f"{spec.label}: {problem}")
+    ensure_staging(conn, found, identity, lock_timeout, columns=columns)
+    return found
+
+
 def ensure_staging(
     conn: psycopg.Connection[Any], target: Target, identity: Identity, lock_timeout: float,
-    *, unlogged: bool = True,
+    *, unlogged: bool = True, columns: Sequence[load.Column] | None = None,
 ) -> bool:
     """Create the staging table unless it exists: the destination's columns, types,
-    NOT NULL and defaults (no indexes, constraints or triggers). Returns whether it created
-    it. Commits.
+    NOT NULL and defaults (no indexes, constraints or triggers), or, for a table that does
+    not exist yet, ``columns`` with their exact types and collations. Returns whether it
+    created it. Commits.
 
     ``UNLOGGED`` (default): the staged rows are not written to the WAL (the publish's
     writes into the table are). A destination server that crashes empties an unlogged
@@ -139,11 +196,7 @@ def ensure_staging(
         return False
     try:
         _set_lock_timeout(conn, lock_timeout)
-        conn.execute(
-            sql.SQL("CREATE {}TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
-                sql.SQL("UNLOGGED " if unlogged else ""), target.staging_id, target.table_id
-            )
-        )
+        conn.execute(_create_staging(target, unlogged, columns))
         conn.execute(
             sql.SQL("COMMENT ON TABLE {} IS {}").format(
                 target.staging_id, sql.Literal(identity.as_comment())
@@ -158,6 +211,33 @@ def ensure_staging(
     except BaseException:
         conn.rollback()
         raise
+
+
+def _create_staging(
+    target: Target, unlogged: bool, columns: Sequence[load.Column] | None
+) -> sql.Composed:
+    if target.oid is not None:
+        return sql.SQL("CREATE {}TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)").format(
+            sql.SQL("UNLOGGED " if unlogged else ""), target.staging_id, target.table_id
+        )
+    if not columns:
+        raise ValueError("a staging table for a table to be created needs its columns")
+    return load.create_statement(
+        load.TableName(target.schema, target.staging), columns, None, unlogged=unlogged
+    )
+
+
+def create_like_staging(
+    target: Target, key: Sequence[str] | None, nulls_match: bool
+) -> sql.Composed:
+    """``CREATE TABLE`` for ``create="if_missing"`` at publish: the staging table's columns
+    (the source's exact types and collations, NOT NULL), the merge key as primary key (or a
+    unique key whose NULLs are equal, ``key_nulls="match"``), as a load that creates its
+    table makes it. Logged, whatever the staging table is."""
+    parts: list[sql.Composable] = [sql.SQL("LIKE {}").format(target.staging_id)]
+    if key:
+        parts.append(load.create_key_constraint(key, nulls_match))
+    return sql.SQL("CREATE TABLE {} ({})").format(target.table_id, sql.SQL(", ").join(parts))
 
 
 def _set_lock_timeout(conn: psycopg.Connection[Any], seconds: float) -> None:

@@ -98,6 +98,16 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
     ]
     assert merged == expected
     assert sorted_rows(d2, "logs") == sorted_rows(src, "logs")
+    # create="if_missing": each table made at publish, from the source's types (and the
+    # merge key as its primary key).
+    keyed = sorted_rows(src, "events", "WHERE id IS NOT NULL")
+    assert sorted_rows(d1, "events_new") == keyed
+    assert sorted_rows(d2, "events_keyed") == keyed
+    types = ("SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
+             " WHERE attrelid = %s::regclass AND attnum > 0 ORDER BY attnum")
+    assert d1.execute(types, ["events_new"]) == src.execute(types, ["events"])
+    assert d2.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid ="
+                      " 'events_keyed'::regclass") == [("PRIMARY KEY (id)",)]
     assert sorted_rows(d2, "events_direct") == source  # stage=False
     direct = run.xcom("direct.publish")
     assert (direct["rows"], direct["destinations"][0]["status"]) == (len(source), "loaded")

@@ -11,13 +11,22 @@ import psycopg
 from airflow_copyman.load.connection import classify, locks
 
 
-def take_load_lock(conn: psycopg.Connection[Any], regclass_text: str, lock_timeout: float) -> str:
+def take_load_lock(
+    conn: psycopg.Connection[Any], regclass_text: str, lock_timeout: float,
+    *, new_table: tuple[str, str] | None = None,
+) -> str:
     """In ``conn``'s open transaction: bound every lock wait by ``lock_timeout`` (until the
     transaction ends), then wait for the table's load lock, held until the commit. Returns
-    the table's qualified name. :class:`locks.LockWaitTimeout` (transient) names the
-    sessions in the way; the transaction is then unusable (the caller rolls back)."""
+    the table's qualified name. ``new_table``: (schema, name) of a table that may not exist
+    yet, whose load lock is the one it will have once created. :class:`locks.LockWaitTimeout`
+    (transient) names the sessions in the way; the transaction is then unusable (the caller
+    rolls back)."""
     conn.execute(*locks.set_lock_timeout(lock_timeout))
-    row = conn.execute(*locks.identity_of_existing(regclass_text)).fetchone()
+    identity = (
+        locks.identity_of_new(*new_table) if new_table is not None
+        else locks.identity_of_existing(regclass_text)
+    )
+    row = conn.execute(*identity).fetchone()
     if row is None:
         raise psycopg.errors.UndefinedTable(f"table {regclass_text} does not exist")
     name, key = str(row[0]), int(row[1])

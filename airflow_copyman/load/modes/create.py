@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from airflow_copyman.load.catalog import tables
+from airflow_copyman.load.catalog import keytypes, tables
 
 
 def schema_for(conn: psycopg.Connection[Any], table: tables.TableName) -> str | None:
@@ -97,21 +97,54 @@ def missing_collation(
     return None
 
 
+def refusal(
+    conn: psycopg.Connection[Any],
+    table: tables.TableName,
+    columns: Sequence[tables.Column],
+    key: Sequence[str] | None,
+) -> str | None:
+    """Why ``table`` cannot be created here with ``columns`` (named as the new table's
+    columns) and the merge ``key``, or None: what planning a load that creates its table
+    checks, for callers that create it from their own plan (a split load's staging)."""
+    names = [c.name for c in columns]
+    missing = [k for k in key or () if k not in names]
+    if missing:
+        return f"the merge key column {missing[0]!r} is not a column of the source"
+    return (
+        check(conn, table)
+        or unnamed(names)
+        or missing_collation(conn, columns)
+        or keytypes.refusal(
+            conn, [(c.name, c.type_name) for c in columns if c.name in (key or ())],
+            created=True,
+        )
+    )
+
+
 def statement(
     table: tables.TableName,
     columns: Sequence[tables.Column],
     key: Sequence[str] | None,
     nulls_match: bool = False,
+    *,
+    unlogged: bool = False,
 ) -> sql.Composed:
     """``CREATE TABLE`` with the columns' exact types and collations (and the key as primary
-    key, or as a unique key whose NULLs are equal when ``nulls_match``)."""
+    key, or as a unique key whose NULLs are equal when ``nulls_match``); ``unlogged``: an
+    ``UNLOGGED`` table (a split load's staging)."""
     parts: list[sql.Composable] = [_column(c) for c in columns]
     if key:
-        constraint = "UNIQUE NULLS NOT DISTINCT ({})" if nulls_match else "PRIMARY KEY ({})"
-        parts.append(
-            sql.SQL(constraint).format(sql.SQL(", ").join(map(sql.Identifier, key)))
-        )
-    return sql.SQL("CREATE TABLE {} ({})").format(table.identifier, sql.SQL(", ").join(parts))
+        parts.append(key_constraint(key, nulls_match))
+    return sql.SQL("CREATE {}TABLE {} ({})").format(
+        sql.SQL("UNLOGGED " if unlogged else ""), table.identifier, sql.SQL(", ").join(parts)
+    )
+
+
+def key_constraint(key: Sequence[str], nulls_match: bool) -> sql.Composed:
+    """A created table's merge key: its primary key, or (``nulls_match``) a unique key whose
+    NULLs are equal, as a primary key forbids NULLs."""
+    constraint = "UNIQUE NULLS NOT DISTINCT ({})" if nulls_match else "PRIMARY KEY ({})"
+    return sql.SQL(constraint).format(sql.SQL(", ").join(map(sql.Identifier, key)))
 
 
 def _column(column: tables.Column) -> sql.Composed:

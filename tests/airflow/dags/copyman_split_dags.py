@@ -41,6 +41,18 @@ with DAG("copyman_split_modes", schedule=None, start_date=START) as modes:
         "logs", source_conn_id="pg_ss", table="logs", parts=3, verify="checksum",
         destinations=[{"conn_id": "pg_sd2", "table": "logs", "mode": "replace"}], retries=0,
     )
+    # Tables that do not exist yet: staged with the source's types, created at publish.
+    CopyManSplitGroup(
+        "created", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
+        where="id IS NOT NULL",
+        destinations=[
+            {"conn_id": "pg_sd1", "table": "events_new", "mode": "replace",
+             "create": "if_missing"},
+            {"conn_id": "pg_sd2", "table": "events_keyed", "mode": "merge", "key": ["id"],
+             "create": "if_missing"},
+        ],
+        retries=0,
+    )
 
 
 with DAG("copyman_split_grow", schedule=None, start_date=START) as grow:
