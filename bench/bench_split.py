@@ -9,7 +9,10 @@ each into a destination table that is replaced:
                plan (catalog, min/max), for each range a staging check and ``load.run`` of
                the range into the (UNLOGGED) staging table with its ledger row, then publish
                (checks, load lock, TRUNCATE, INSERT ... SELECT from staging, ledger row, DROP);
-* ``logged-N`` (``--logged-staging``) the same with a logged staging table.
+* ``logged-N`` (``--logged-staging``) the same with a logged staging table;
+* ``direct-N`` (``--direct``) append without staging (``stage=False``): each range straight
+               into the table, no publish; against ``append``, one ``load.run`` appending the
+               whole table (the table is emptied before each, outside the timing).
 
 Nothing runs in parallel here: the split figures are the serial sum of its parts, so they
 show its overhead. Airflow's own cost per task instance (scheduling, a worker process,
@@ -49,6 +52,44 @@ def single(src: load.Endpoint, dst: load.Endpoint) -> dict[str, float]:
                       endpoints={"dst": dst})
     assert not report.failed, report.failed
     return {"total": time.perf_counter() - start}
+
+
+def single_append(src: load.Endpoint, dst: load.Endpoint) -> dict[str, float]:
+    _empty(dst)
+    start = time.perf_counter()
+    report = load.run(src, "src", [load.Destination("dst", "dst")], endpoints={"dst": dst})
+    assert not report.failed, report.failed
+    return {"total": time.perf_counter() - start}
+
+
+def direct_load(src: load.Endpoint, dst: load.Endpoint, parts: int) -> dict[str, float]:
+    """``stage=False``: the ranges append straight into the table (each with its ledger
+    row); publish only reads the ledger, so it is not timed."""
+    _empty(dst)
+    lineage = uuid.uuid4().hex
+    times: dict[str, float] = {"publish": 0.0}
+    t0 = time.perf_counter()
+    with src.connect() as conn:
+        source, ranges = split.plan(conn, "src", "id", parts)
+    times["plan"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for rng in ranges:
+        key = load.TaskKey("bench", "grp.load", "run", rng.index, lineage, 1)
+        report = load.run(
+            src, split.range_query(source.schema, source.name, rng, None),
+            [load.Destination("dst", "dst", load_lock=False)], endpoints={"dst": dst},
+            ledger=load.Ledger(None, key),
+        )
+        assert not report.failed, report.failed
+    times["ranges"] = time.perf_counter() - t1
+    times["total"] = time.perf_counter() - t0
+    return times
+
+
+def _empty(dst: load.Endpoint) -> None:
+    with dst.connect() as conn:
+        conn.execute("TRUNCATE dst")
+        conn.commit()
 
 
 def split_load(
@@ -98,6 +139,8 @@ def main(argv: list[str]) -> int:
                         help="the destination server with wal_level=minimal (restarted)")
     parser.add_argument("--logged-staging", action="store_true",
                         help="also the split with a logged staging table (logged-N)")
+    parser.add_argument("--direct", action="store_true",
+                        help="also append without staging (direct-N, against append)")
     args = parser.parse_args(argv)
     with throwaway_servers(2) as (src_server, dst_server):
         for server in (src_server, dst_server):
@@ -119,27 +162,34 @@ def main(argv: list[str]) -> int:
         src = load.postgres("src", src_server.address.conninfo(DB))
         dst = load.postgres("dst", dst_server.address.conninfo(DB))
         cases: dict[str, Any] = {"single": lambda: single(src, dst)}
+        if args.direct:
+            cases["append"] = lambda: single_append(src, dst)
         for parts in args.parts:
             cases[f"split-{parts}"] = lambda parts=parts: split_load(src, dst, parts)
             if args.logged_staging:
                 cases[f"logged-{parts}"] = lambda parts=parts: split_load(
                     src, dst, parts, unlogged=False
                 )
+            if args.direct:
+                cases[f"direct-{parts}"] = lambda parts=parts: direct_load(src, dst, parts)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
         for _ in range(args.repeat):
             for name, case in cases.items():  # round-robin
                 results[name].append(case())
     base = statistics.median(r["total"] for r in results["single"])
+    # direct-N appends: against the single append, not the single replace.
+    append_base = statistics.median(r["total"] for r in results.get("append", results["single"]))
     wal = "minimal" if args.wal_minimal else "replica (the default)"
     print(f"{args.rows} rows, median of {args.repeat}, destination wal_level {wal}")
     print(f"{'case':<10} {'total s':>8} {'x single':>9}  parts (plan / ranges / publish)")
     for name, runs in results.items():
         total = statistics.median(r["total"] for r in runs)
         detail = ""
-        if name != "single":
+        if "plan" in runs[0]:
             detail = " / ".join(f"{statistics.median(r[k] for r in runs):.2f}"
                                 for k in ("plan", "ranges", "publish"))
-        print(f"{name:<10} {total:8.2f} {total / base:9.2f}  {detail}")
+        against = append_base if name.startswith(("direct", "append")) else base
+        print(f"{name:<10} {total:8.2f} {total / against:9.2f}  {detail}")
     return 0
 
 
