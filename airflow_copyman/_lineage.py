@@ -9,7 +9,7 @@ task: it looks no connection up (see :func:`operator_lineage`).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow_copyman import load
 
@@ -97,3 +97,20 @@ def operator_lineage(operator: CopyManOperator, report: TransferReport | None) -
     except Exception:
         log.debug("CopyMan: could not build OpenLineage facets", exc_info=True)
         return None
+
+
+class LineageFacets:
+    """The OpenLineage hooks of a task that loads destinations (``CopyManOperator``, a split
+    group's ``publish``): the source in, each destination out with the rows of the task's
+    last report (``_report``, None before it has one)."""
+
+    _report: TransferReport | None
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        return operator_lineage(cast(Any, self), None)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        return operator_lineage(cast(Any, self), self._report)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return operator_lineage(cast(Any, self), self._report)

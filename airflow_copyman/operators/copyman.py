@@ -24,6 +24,7 @@ from airflow_copyman._destinations import (
     TransferReport,
     destinations_from,
 )
+from airflow_copyman._lineage import LineageFacets
 from airflow_copyman._outcome import (
     CopyManDestinationsFailed,
     CopyManPermanentFailure,
@@ -50,7 +51,7 @@ __all__ = [
 LEDGER_SCHEMA = None
 
 
-class CopyManOperator(BaseOperator):
+class CopyManOperator(LineageFacets, BaseOperator):
     """Copy the rows of a query (or table) from a PostgreSQL source into many PostgreSQL
     destinations in one pass, with COPY streams and bounded memory.
 
@@ -348,23 +349,6 @@ class CopyManOperator(BaseOperator):
                 ),
             )
 
-    # OpenLineage (used only where apache-airflow-providers-openlineage is installed).
-
-    def get_openlineage_facets_on_start(self) -> Any:
-        return self._lineage(None)
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        return self._lineage(self._report)
-
-    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
-        return self._lineage(self._report)
-
-    def _lineage(self, report: TransferReport | None) -> Any:
-        try:
-            from airflow_copyman._lineage import operator_lineage
-        except ImportError:  # pragma: no cover - the module imports lazily itself
-            return None
-        return operator_lineage(self, report)
 
 
 # The split load (operators/split.py builds on this module, so it comes last) is imported

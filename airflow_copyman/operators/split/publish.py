@@ -4,11 +4,12 @@ leftovers of the group's failed runs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_copyman import _assets, load, split
+from airflow_copyman._lineage import LineageFacets
 from airflow_copyman.hooks.copyman import CopyManHook
 from airflow_copyman.operators.split.base import SplitTask
 from airflow_copyman.split import _adapters
@@ -16,7 +17,7 @@ from airflow_copyman.split import _adapters
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-class SplitPublish(SplitTask):
+class SplitPublish(LineageFacets, SplitTask):
     """Every destination at once, each in one transaction; then the leftovers of this
     group's failed runs are dropped."""
 
@@ -97,22 +98,6 @@ class SplitPublish(SplitTask):
                 found[conn_id] = location
         return found
 
-    # OpenLineage (where apache-airflow-providers-openlineage is installed): the source
-    # table in, each destination out with the rows published, as CopyManOperator's.
-
-    def get_openlineage_facets_on_start(self) -> Any:
-        return self._lineage(None)
-
-    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        return self._lineage(self._report)
-
-    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
-        return self._lineage(self._report)
-
-    def _lineage(self, report: load.TransferReport | None) -> Any:
-        from airflow_copyman._lineage import operator_lineage
-
-        return operator_lineage(cast(Any, self), report)
 
     def _publish_one(
         self, context: Context, spec: load.Destination, lineage: str, ranges: split.RangeLedger,
