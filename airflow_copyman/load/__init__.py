@@ -28,6 +28,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from airflow_copyman.copyman import RECEIVER_TIMEOUT
+from airflow_copyman.load.catalog.identity import Tables as TableIdentity
+from airflow_copyman.load.catalog.identity import conflicts as identity_conflicts
+from airflow_copyman.load.catalog.identity import destination as table_identity
 from airflow_copyman.load.catalog.relation import Relation
 from airflow_copyman.load.catalog.tables import Column, Params, PlanError, Source, TableName
 from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT, BoundedConnection
@@ -131,6 +134,7 @@ __all__ = [
     "Slot",
     "Source",
     "Status",
+    "TableIdentity",
     "TableName",
     "TaskKey",
     "TooFewRowsError",
@@ -147,6 +151,7 @@ __all__ = [
     "create_statement",
     "describe_error",
     "destinations_from",
+    "identity_conflicts",
     "is_deferred",
     "is_permanent",
     "ledger_checksums",
@@ -162,6 +167,7 @@ __all__ = [
     "render_settings",
     "run",
     "sum_checksums",
+    "table_identity",
     "take_load_lock",
 ]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow_copyman import load, split
+from airflow_copyman._destinations import CopyManConfigError
 from airflow_copyman.hooks.copyman import CopyManHook
 
 
@@ -41,9 +42,12 @@ def load_parallel(
         ti.dag_id, ti.task_id, ti.run_id, ti.map_index if ti.map_index is not None else -1,
         lineage, ti.try_number,
     )
-    return split.run_parallel(
-        CopyManHook(operator.source_conn_id).endpoint(), operator.sql, pending,
-        endpoints=endpoints, parallel=operator.parallel, task=task,
-        ledger_schema=operator.ledger_schema, options=options, log=operator.log,
-        transfers=transfers,
-    )
+    try:
+        return split.run_parallel(
+            CopyManHook(operator.source_conn_id).endpoint(), operator.sql, pending,
+            endpoints=endpoints, parallel=operator.parallel, task=task,
+            ledger_schema=operator.ledger_schema, options=options, log=operator.log,
+            transfers=transfers,
+        )
+    except load.ConfigError as exc:  # bad input, found before any range loaded: no retry
+        raise CopyManConfigError(str(exc)) from None

@@ -15,6 +15,7 @@ from psycopg import sql
 from airflow_copyman.split._adapters import is_table_name
 from airflow_copyman.split._catalog import SourceTable, SplitPlanError, column_names, plan
 from airflow_copyman.split._catalog import source_table as plan_source
+from airflow_copyman.split._identity import conflicts as table_conflicts
 from airflow_copyman.split._parallel import RangeTransfers, TaskRun, run_parallel
 from airflow_copyman.split._publish import (
     Published,
@@ -65,6 +66,7 @@ __all__ = [
     "run_parallel",
     "staged_rows",
     "staging_name",
+    "table_conflicts",
     "target",
 ]
 

@@ -15,6 +15,7 @@ after a publish that committed changes nothing. Imports no Airflow module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,8 @@ import psycopg
 
 from airflow_copyman import load
 from airflow_copyman.split import _adapters
-from airflow_copyman.split._catalog import column_names, plan
+from airflow_copyman.split._catalog import SourceTable, column_names, plan
+from airflow_copyman.split._identity import conflicts as table_conflicts
 from airflow_copyman.split._publish import Published, RangeLedger, publish, staged_rows
 from airflow_copyman.split._ranges import Range
 from airflow_copyman.split._staging import Identity, Target, drop_leftovers, prepare
@@ -100,6 +102,7 @@ def run_parallel(
     with source.connect() as conn:
         source_table, ranges = plan(conn, table, None, parallel)
         columns = column_names(conn, source_table)
+        _check_tables(conn, source_table, destinations, endpoints)
     log.info("%s splits into %d range(s) in one snapshot: %s", source_table, len(ranges),
              "; ".join(r.describe() for r in ranges))
     targets: dict[str, Target] = {}
@@ -152,6 +155,20 @@ def run_parallel(
         max((r.rows or 0 for r in done), default=0), max((r.bytes or 0 for r in done), default=0),
         options.format, 0.0, ordered,
     )
+
+
+def _check_tables(
+    conn: psycopg.Connection[Any], source_table: SourceTable,
+    destinations: Sequence[load.Destination], endpoints: Mapping[str, load.Endpoint],
+) -> None:
+    """Every table written once (:func:`.table_conflicts`), else :class:`load.ConfigError`
+    before any range loads."""
+    with contextlib.ExitStack() as stack:
+        opened = [(spec, stack.enter_context(endpoints[spec.conn_id].connect()))
+                  for spec in destinations]
+        problems = table_conflicts(conn, source_table, opened)
+    if problems:
+        raise load.ConfigError("; ".join(problems) + ": nothing was loaded")
 
 
 def _describe(source: load.Endpoint, table: str) -> list[load.Column]:

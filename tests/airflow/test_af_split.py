@@ -131,6 +131,21 @@ def test_every_row_once_in_each_mode_and_no_staging_left(
         assert event["task_id"] == "events.publish" and event["extra"]["rows"] == len(source)
 
 
+def test_one_table_named_twice_fails_plan_without_retry_and_loads_nothing(
+    dbs: tuple[Database, Database, Database],
+) -> None:
+    src, d1, _ = dbs
+    src.execute(EVENTS)
+    d1.execute("CREATE TABLE events (id bigint, v text); INSERT INTO events VALUES (1, 'old')")
+    run = run_dag(FILE, "copyman_split_same")
+    assert run.state == "failed"
+    # Bad input: no retry (retries=2), no range loaded, nothing staged.
+    assert (run.state_of("events.plan"), run.tries_of("events.plan")) == ("failed", 1)
+    assert run.state_of("events.publish") != "success"
+    assert d1.execute("SELECT * FROM events") == [(1, "old")]
+    assert staging_tables(d1) == []
+
+
 def test_a_range_failing_for_good_leaves_every_destination_unchanged_and_the_next_run_cleans(
     dbs: tuple[Database, Database, Database],
 ) -> None:

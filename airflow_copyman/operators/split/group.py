@@ -131,6 +131,7 @@ class CopyManSplitGroup(TaskGroup):
         with self:
             plan = SplitPlan(
                 task_id="plan", split_by=split_by, parts=parts, resume_on_clear=resume_on_clear,
+                destinations=destinations,
                 **common,
             )
             loads = SplitLoad.partial(

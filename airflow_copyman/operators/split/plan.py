@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,12 +24,14 @@ class SplitPlan(SplitTask):
     """The ranges of the table, computed once per DAG run and kept in the task's
     ``task_state_store``: a retry or a clear returns the same ranges."""
 
-    template_fields: Sequence[str] = ("source_conn_id", "table", "split_by")
+    template_fields: Sequence[str] = ("source_conn_id", "table", "split_by", "destinations")
 
     def __init__(
-        self, *, split_by: str | None, parts: int, resume_on_clear: bool, **kwargs: Any
+        self, *, split_by: str | None, parts: int, resume_on_clear: bool, destinations: Any,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.destinations = destinations
         self.split_by = split_by
         self.parts = parts
         self.resume_on_clear = resume_on_clear
@@ -55,6 +58,7 @@ class SplitPlan(SplitTask):
                 except split.SplitPlanError as exc:
                     raise AirflowFailException(f"{self.task_id}: {exc}") from None
                 columns = split.column_names(conn, source)
+                self._check_tables(conn, source)
             ranges = [r.as_dict() for r in planned]
             lineage = uuid.uuid4().hex
             self.log.info("%s splits into %d range(s): %s", source, len(ranges),
@@ -69,3 +73,16 @@ class SplitPlan(SplitTask):
         return [{**r, "lineage": lineage, "parts": len(ranges), "columns": columns}
                 for r in ranges]
 
+
+    def _check_tables(self, conn: Any, source: split.SourceTable) -> None:
+        """Every table written once: no two destinations one table, none the source's
+        (the ranges, each into a staging table of its own, cannot see it)."""
+        specs = self.specs(self.destinations)
+        with contextlib.ExitStack() as stack:
+            opened = [(spec, stack.enter_context(CopyManHook(spec.conn_id).get_conn()))
+                      for spec in specs]
+            problems = split.table_conflicts(conn, source, opened)
+        if problems:
+            raise AirflowFailException(
+                f"{self.task_id}: " + "; ".join(problems) + ": nothing was loaded"
+            )

@@ -102,6 +102,16 @@ with DAG("copyman_split_kill", schedule=None, start_date=START) as kill:
     )
 
 
+with DAG("copyman_split_same", schedule=None, start_date=START) as same:
+    # One table spelled two ways: each range would stage it twice, publish append it twice.
+    CopyManSplitGroup(
+        "events", source_conn_id="pg_ss", table="events", split_by="id", parts=2,
+        destinations=[{"conn_id": "pg_sd1", "table": "events", "mode": "append"},
+                      {"conn_id": "pg_sd1", "table": "Public.Events", "mode": "append"}],
+        retries=2, retry_delay=datetime.timedelta(seconds=1),
+    )
+
+
 with DAG("copyman_split_twice", schedule=None, start_date=START, max_active_runs=2) as twice:
     CopyManSplitGroup(
         "events", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
