@@ -99,7 +99,7 @@ def test_parallel_refuses_before_any_range_loads(tables: tuple[Database, Databas
     specs = [load.Destination("a", "events", mode="append"),
              load.Destination("b", "public.events", mode="append")]
     endpoints = {c: load.postgres(c, dst.uri()) for c in ("a", "b")}
-    with pytest.raises(load.ConfigError, match="the same table as .*nothing was loaded"):
+    with pytest.raises(load.ConfigError, match=r"the same table as .*nothing was loaded"):
         split.run_parallel(
             load.postgres("src", src.uri()), "items", specs, endpoints=endpoints, parallel=2,
             task=split.TaskRun("dag", "copy", "run-1", -1, "L1", 1), ledger_schema=None,
