@@ -141,6 +141,7 @@ def test_one_table_named_twice_fails_plan_without_retry_and_loads_nothing(
     assert run.state == "failed"
     # Bad input: no retry (retries=2), no range loaded, nothing staged.
     assert (run.state_of("events.plan"), run.tries_of("events.plan")) == ("failed", 1)
+    assert (run.state_of("same_parallel"), run.tries_of("same_parallel")) == ("failed", 1)
     assert run.state_of("events.publish") != "success"
     assert d1.execute("SELECT * FROM events") == [(1, "old")]
     assert staging_tables(d1) == []

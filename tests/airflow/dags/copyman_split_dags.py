@@ -110,6 +110,15 @@ with DAG("copyman_split_same", schedule=None, start_date=START) as same:
                       {"conn_id": "pg_sd1", "table": "Public.Events", "mode": "append"}],
         retries=2, retry_delay=datetime.timedelta(seconds=1),
     )
+    # The same inside one task (parallel=N): refused before its ranges start.
+    from airflow_copyman.operators.copyman import CopyManOperator
+
+    CopyManOperator(
+        task_id="same_parallel", source_conn_id="pg_ss", sql="events", parallel=2,
+        destinations=[{"conn_id": "pg_sd1", "table": "events", "mode": "append"},
+                      {"conn_id": "pg_sd1", "table": '"public"."events"', "mode": "append"}],
+        retries=2, retry_delay=datetime.timedelta(seconds=1),
+    )
 
 
 with DAG("copyman_split_twice", schedule=None, start_date=START, max_active_runs=2) as twice:
