@@ -61,7 +61,8 @@ PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_ch
 	tests/airflow/test_af_ledger_extras.py tests/airflow/test_af_progress.py \
 	tests/test_load_merge.py tests/test_load_names.py tests/test_load_replace_scope.py \
 	tests/test_load_identity.py tests/test_load_format_choice.py \
-	tests/test_load_verification.py tests/test_split_publish.py
+	tests/test_load_verification.py tests/test_split_publish.py tests/test_split_create.py \
+	tests/test_split_table_conflicts.py
 
 test: $(STAMP) postgres lint
 	$(BIN)/pytest
