@@ -5,6 +5,9 @@ a load that creates it would be; real servers."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from af_support import Database
 
@@ -145,3 +148,43 @@ def test_without_create_a_missing_table_still_fails_naming_the_option(
     src, dst = items
     with pytest.raises(split.StagingError, match=r"does not exist .*create='if_missing'"):
         stage(src, dst, load.Destination("dst", "made"), identity("made", "L1"))
+
+
+def test_two_runs_publishing_one_missing_table_at_once_create_it_once(
+    items: tuple[Database, Database],
+) -> None:
+    """Two runs' publishes reach the missing table together: both wait for its load lock
+    (held here until both are waiting); the first creates the table, the second finds it
+    (read from pg_class, not a cached name) and merges into it."""
+    src, dst = items
+    spec = load.Destination("dst", "made", mode="merge", key=("id",), create="if_missing")
+    runs = [identity("made", lineage) for lineage in ("L1", "L2")]
+    staged = [stage(src, dst, spec, ident) for ident in runs]
+    done: dict[str, split.Published] = {}
+    errors: list[BaseException] = []
+
+    def publish_one(ident: split.Identity, target: split.Target, parts: int,
+                    columns: list[str]) -> None:
+        try:
+            done[ident.lineage] = publish(dst, spec, target, parts, columns, ident)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with dst.connect() as holder:
+        load.take_load_lock(holder, "public.made", 5, new_table=("public", "made"))
+        threads = [threading.Thread(target=publish_one, args=(ident, *found))
+                   for ident, found in zip(runs, staged, strict=True)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while dst.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                         " AND NOT granted") < 2:
+            assert time.monotonic() < deadline, "the publishes never waited for the lock"
+            time.sleep(0.05)
+        holder.rollback()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert sorted((p.inserted, p.updated) for p in done.values()) == [(0, 0), (400, 0)]
+    assert dst.execute("SELECT * FROM made ORDER BY id") == src.execute(
+        "SELECT * FROM items ORDER BY id")

@@ -13,7 +13,13 @@ from __future__ import annotations
 from psycopg import sql
 
 from airflow_copyman.split._adapters import is_table_name
-from airflow_copyman.split._catalog import SourceTable, SplitPlanError, column_names, plan
+from airflow_copyman.split._catalog import (
+    SourceTable,
+    SplitPlanError,
+    column_names,
+    describe_columns,
+    plan,
+)
 from airflow_copyman.split._catalog import source_table as plan_source
 from airflow_copyman.split._identity import conflicts as table_conflicts
 from airflow_copyman.split._parallel import RangeTransfers, TaskRun, run_parallel
@@ -53,6 +59,7 @@ __all__ = [
     "Target",
     "TaskRun",
     "column_names",
+    "describe_columns",
     "drop_leftovers",
     "ensure_staging",
     "is_table_name",

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from airflow_copyman import load
 from airflow_copyman.split._ranges import (
     SPLITTABLE_TYPES,
     KeyKind,
@@ -178,6 +179,16 @@ def column_names(conn: psycopg.Connection[Any], table: SourceTable) -> list[str]
     finally:
         conn.rollback()
     return [r[0] for r in found]
+
+
+def describe_columns(conn: psycopg.Connection[Any], table: str) -> list[load.Column]:
+    """The source table's columns with their exact types, as the load layer describes a
+    source (for a staging table of a table ``create="if_missing"`` makes at publish).
+    Ends the transaction it opens."""
+    try:
+        return load.Source.parse(table).describe(conn, None)
+    finally:
+        conn.rollback()
 
 
 def source_table(conn: psycopg.Connection[Any], table: str) -> SourceTable:

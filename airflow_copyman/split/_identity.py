@@ -24,7 +24,7 @@ def conflicts(
     """Each destination that is the source table (or under it) or another destination,
     said in one line naming both; [] when every table is written once. Ends the
     transactions it opens."""
-    source_text = f"{_quote(table.schema)}.{_quote(table.name)}"
+    source_text = load.TableName(table.schema, table.name).regclass_text
     try:
         found = load.table_identity(source, source_text, f"the source table {table}")
     finally:
@@ -43,7 +43,3 @@ def conflicts(
         if identity is not None:  # a missing table: the range names it
             identities.append(identity)
     return load.identity_conflicts(found, identities)
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

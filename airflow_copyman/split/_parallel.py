@@ -27,7 +27,7 @@ import psycopg
 
 from airflow_copyman import load
 from airflow_copyman.split import _adapters
-from airflow_copyman.split._catalog import SourceTable, column_names, plan
+from airflow_copyman.split._catalog import SourceTable, column_names, describe_columns, plan
 from airflow_copyman.split._identity import conflicts as table_conflicts
 from airflow_copyman.split._publish import Published, RangeLedger, publish, staged_rows
 from airflow_copyman.split._ranges import Range
@@ -105,16 +105,8 @@ def run_parallel(
         _check_tables(conn, source_table, destinations, endpoints)
     log.info("%s splits into %d range(s) in one snapshot: %s", source_table, len(ranges),
              "; ".join(r.describe() for r in ranges))
-    targets: dict[str, Target] = {}
-    results: dict[str, load.DestinationResult] = {}
-    for spec in destinations:
-        try:
-            with endpoints[spec.conn_id].connect() as conn:
-                found = prepare(conn, spec, _identity(task, spec), options.lock_timeout,
-                                lambda: _describe(source, table))
-            targets[spec.label] = found
-        except Exception as exc:
-            results[spec.label] = _failed(spec, exc, source, endpoints)
+    targets, results = _prepare_all(source, table, destinations, endpoints, task,
+                                    options.lock_timeout)
     staged = [s for s in destinations if s.label in targets]
     settings: dict[str, str] | None = None
     if staged:
@@ -130,22 +122,9 @@ def run_parallel(
             )
             holder.rollback()  # the ranges have read: the snapshot may go
         for spec in staged:
-            errors = [r for report in reports for r in report.failed if r.conn_id == spec.conn_id
-                      and r.table == targets[spec.label].staging_text]
-            if transfers.cancelled:
-                results[spec.label] = _failed(
-                    spec, load.LoadError(f"{spec.label}: stopped (cancelled): nothing "
-                                         "published"), source, endpoints)
-                continue
-            if errors:
-                first = errors[0]
-                results[spec.label] = load.DestinationResult(
-                    spec.conn_id, spec.table, status="failed", mode=spec.mode,
-                    error=f"{len(errors)} range(s) failed; the first: {first.error}",
-                    permanent=all(e.permanent for e in errors),
-                )
-                continue
-            results[spec.label] = _publish_one(
+            unpublished = _unpublished(spec, targets[spec.label], reports, transfers, source,
+                                       endpoints)
+            results[spec.label] = unpublished or _publish_one(
                 spec, targets[spec.label], endpoints, task, ledger_schema, len(ranges),
                 columns, options, settings, source, log,
             )
@@ -154,6 +133,45 @@ def run_parallel(
     return load.TransferReport(
         max((r.rows or 0 for r in done), default=0), max((r.bytes or 0 for r in done), default=0),
         options.format, 0.0, ordered,
+    )
+
+
+def _prepare_all(
+    source: load.Endpoint, table: str, destinations: Sequence[load.Destination],
+    endpoints: Mapping[str, load.Endpoint], task: TaskRun, lock_timeout: float,
+) -> tuple[dict[str, Target], dict[str, load.DestinationResult]]:
+    """Each destination's target and staging table, by label; those that failed, by label."""
+    targets: dict[str, Target] = {}
+    failed: dict[str, load.DestinationResult] = {}
+    for spec in destinations:
+        try:
+            with endpoints[spec.conn_id].connect() as conn:
+                targets[spec.label] = prepare(
+                    conn, spec, _identity(task, spec), lock_timeout,
+                    lambda: _describe(source, table),
+                )
+        except Exception as exc:
+            failed[spec.label] = _failed(spec, exc, source, endpoints)
+    return targets, failed
+
+
+def _unpublished(
+    spec: load.Destination, found: Target, reports: list[load.TransferReport],
+    transfers: RangeTransfers, source: load.Endpoint, endpoints: Mapping[str, load.Endpoint],
+) -> load.DestinationResult | None:
+    """Why ``spec`` is not to be published (the task was cancelled, or ranges failed into
+    its staging table), as its failed result; None: publish it."""
+    if transfers.cancelled:
+        return _failed(spec, load.LoadError(f"{spec.label}: stopped (cancelled): nothing "
+                                            "published"), source, endpoints)
+    errors = [r for report in reports for r in report.failed
+              if r.conn_id == spec.conn_id and r.table == found.staging_text]
+    if not errors:
+        return None
+    return load.DestinationResult(
+        spec.conn_id, spec.table, status="failed", mode=spec.mode,
+        error=f"{len(errors)} range(s) failed; the first: {errors[0].error}",
+        permanent=all(e.permanent for e in errors),
     )
 
 
@@ -175,10 +193,7 @@ def _describe(source: load.Endpoint, table: str) -> list[load.Column]:
     """The source table's columns with their exact types (staging for a table that
     ``create="if_missing"`` makes at publish)."""
     with source.connect() as conn:
-        try:
-            return load.Source.parse(table).describe(conn, None)
-        finally:
-            conn.rollback()
+        return describe_columns(conn, table)
 
 
 def _identity(task: TaskRun, spec: load.Destination) -> Identity:

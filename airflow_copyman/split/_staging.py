@@ -158,6 +158,8 @@ def prepare(
     if found.oid is not None:
         ensure_staging(conn, found, identity, lock_timeout)
         return found
+    if _staging_exists(conn, found):  # an earlier range checked and made it
+        return found
     columns = list(source_columns())
     if spec.columns is not None:
         if len(spec.columns) != len(columns):
@@ -190,9 +192,7 @@ def ensure_staging(
     writes into the table are). A destination server that crashes empties an unlogged
     table: publish's count check then finds fewer rows than the ranges' ledger rows report
     and changes nothing (a cleared DAG run loads the ranges again)."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [target.staging_text]).fetchone()
-    conn.rollback()
-    if exists and exists[0]:
+    if _staging_exists(conn, target):
         return False
     try:
         _set_lock_timeout(conn, lock_timeout)
@@ -211,6 +211,15 @@ def ensure_staging(
     except BaseException:
         conn.rollback()
         raise
+
+
+def _staging_exists(conn: psycopg.Connection[Any], target: Target) -> bool:
+    """Whether ``target``'s staging table exists. Ends the transaction it opens."""
+    try:
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [target.staging_text]).fetchone()
+    finally:
+        conn.rollback()
+    return bool(row and row[0])
 
 
 def _create_staging(

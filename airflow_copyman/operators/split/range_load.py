@@ -80,10 +80,7 @@ class SplitLoad(SplitTask):
         """The source table's columns, with their exact types (a staging table for a table
         that ``create="if_missing"`` makes at publish)."""
         with CopyManHook(self.source_conn_id).get_conn() as conn:
-            try:
-                return load.Source.parse(self.table).describe(conn, None)
-            finally:
-                conn.rollback()
+            return split.describe_columns(conn, self.table)
 
     def on_kill(self) -> None:
         """Cancel the range's COPY and statements in flight (as CopyManOperator does):
