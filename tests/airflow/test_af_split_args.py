@@ -62,6 +62,19 @@ def test_the_group_holds_plan_a_mapped_load_and_publish() -> None:
     assert g.publish.upstream_task_ids == {"g.load"}
 
 
+def test_a_static_asset_outlet_goes_to_publish_alone() -> None:
+    """The tables change when publish commits: a destination declared as an Asset outlet
+    (Airflow creates it when it parses the DAG) gets its event from publish, never from the
+    plan or from each range."""
+    from airflow.sdk import Asset
+
+    table = Asset("postgres://wh:5432/warehouse/public/t")
+    g = group(outlets=[table])
+    assert table in g.publish.outlets
+    assert table not in g.plan.outlets
+    assert table not in (g.load.partial_kwargs.get("outlets") or [])
+
+
 def test_openlineage_facets_of_publish() -> None:
     """The source table in, each destination out with the rows published (where the
     OpenLineage provider is installed), as CopyManOperator's."""

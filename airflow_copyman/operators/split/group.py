@@ -122,6 +122,9 @@ class CopyManSplitGroup(TaskGroup):
         )
         group_kwargs = {k: v for k, v in kwargs.items() if k in _GROUP_KEYS}
         task_kwargs = {k: v for k, v in kwargs.items() if k not in _GROUP_KEYS}
+        # The destination tables change when publish commits: only publish announces them
+        # (a static Asset among them gets its event from publish alone, not from every range).
+        outlets = task_kwargs.pop("outlets", None)
         super().__init__(group_id=group_id, **group_kwargs)
         common: dict[str, Any] = {
             "source_conn_id": source_conn_id, "table": table, "ledger_schema": ledger_schema,
@@ -145,7 +148,7 @@ class CopyManSplitGroup(TaskGroup):
             publish = SplitPublish(
                 task_id="publish", destinations=destinations, min_rows=min_rows,
                 verify=verify, plan_task_id=plan.task_id,
-                load_task_id=f"{self.group_id}.load", **common,
+                load_task_id=f"{self.group_id}.load", outlets=outlets, **common,
             )
             loads >> publish
         self.plan, self.load, self.publish = plan, loads, publish

@@ -68,13 +68,23 @@ class SplitLoad(SplitTask):
         key = load.TaskKey(ti.dag_id, ti.task_id, ti.run_id, map_index, lineage, ti.try_number)
         self.log.info("Range %d of %d: %s", rng.index + 1, self.part.get("parts"), rng.describe())
         report = hook.transfer(
-            query, staged, format=self.format, ledger=load.Ledger(self.ledger_schema, key),
-            progress_interval=self.progress_interval, receiver_timeout=self.receiver_timeout,
-            lock_timeout=self.lock_timeout,
+            query, staged, ledger=load.Ledger(self.ledger_schema, key),
             application_name=load.application_name_for(ti.dag_id, ti.task_id, ti.run_id, map_index),
-            max_bytes_per_second=self.max_bytes_per_second, verify=self.verify,
+            options=self._options(),
         )
         return report.as_dict()
+
+    def _options(self) -> load.LoadOptions:
+        """The range's options, rendered now (``max_bytes_per_second`` is templated: Jinja
+        renders ``"{{ params.rate }}"`` as text): checked as ``CopyManOperator``'s."""
+        try:
+            return load.LoadOptions.from_rendered(
+                format=self.format, verify=self.verify, receiver_timeout=self.receiver_timeout,
+                lock_timeout=self.lock_timeout, progress_interval=self.progress_interval,
+                max_bytes_per_second=self.max_bytes_per_second,
+            )
+        except load.ArgumentError as exc:
+            raise AirflowFailException(f"{self.task_id}: {exc}") from None
 
     def _source_columns(self) -> list[load.Column]:
         """The source table's columns, with their exact types (a staging table for a table

@@ -45,6 +45,8 @@ with DAG("copyman_split_modes", schedule=None, start_date=START) as modes:
     CopyManSplitGroup(
         "created", source_conn_id="pg_ss", table="events", split_by="id", parts=3,
         where="id IS NOT NULL",
+        # Templated: Jinja renders it as text, taken as the number it was.
+        max_bytes_per_second="{{ 10 * 1000 * 1000 }}",
         destinations=[
             {"conn_id": "pg_sd1", "table": "events_new", "mode": "replace",
              "create": "if_missing"},
