@@ -176,6 +176,12 @@ def main(argv: list[str]) -> int:
         for _ in range(args.repeat):
             for name, case in cases.items():  # round-robin
                 results[name].append(case())
+    _print_results(results, args)
+    return 0
+
+
+def _print_results(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    """Each case's median total, its ratio to its single load, and its parts."""
     base = statistics.median(r["total"] for r in results["single"])
     # direct-N appends: against the single append, not the single replace.
     append_base = statistics.median(r["total"] for r in results.get("append", results["single"]))
@@ -190,7 +196,6 @@ def main(argv: list[str]) -> int:
                                 for k in ("plan", "ranges", "publish"))
         against = append_base if name.startswith(("direct", "append")) else base
         print(f"{name:<10} {total:8.2f} {total / against:9.2f}  {detail}")
-    return 0
 
 
 if __name__ == "__main__":
