@@ -62,7 +62,7 @@ PG18_TESTS := tests/test_copyman.py tests/test_copyman_sessions.py tests/test_ch
 	tests/test_load_merge.py tests/test_load_names.py tests/test_load_replace_scope.py \
 	tests/test_load_identity.py tests/test_load_format_choice.py \
 	tests/test_load_verification.py tests/test_split_publish.py tests/test_split_create.py \
-	tests/test_split_table_conflicts.py
+	tests/test_split_table_conflicts.py tests/test_created_at_once.py
 
 test: $(STAMP) postgres lint
 	$(BIN)/pytest

@@ -34,8 +34,8 @@ from airflow_copyman.load.catalog.identity import destination as table_identity
 from airflow_copyman.load.catalog.relation import Relation
 from airflow_copyman.load.catalog.tables import Column, Params, PlanError, Source, TableName
 from airflow_copyman.load.connection.bounded import CONNECT_TIMEOUT, BoundedConnection
+from airflow_copyman.load.connection.classify import CREATED_CONCURRENTLY, is_permanent
 from airflow_copyman.load.connection.classify import describe as describe_error
-from airflow_copyman.load.connection.classify import is_permanent
 from airflow_copyman.load.connection.endpoint import (
     APPLICATION_NAME,
     Endpoint,
@@ -99,6 +99,7 @@ from airflow_copyman.load.verify.staged import parse_checksum, relation_checksum
 __all__ = [
     "APPLICATION_NAME",
     "CONNECT_TIMEOUT",
+    "CREATED_CONCURRENTLY",
     "DESTINATION_KEYS",
     "LOCK_TIMEOUT",
     "PROGRESS_INTERVAL",

@@ -204,7 +204,7 @@ def ensure_staging(
         )
         conn.commit()
         return True
-    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+    except load.CREATED_CONCURRENTLY:
         # Another range created it at the same moment.
         conn.rollback()
         return False

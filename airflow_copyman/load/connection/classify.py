@@ -18,6 +18,16 @@ import psycopg
 
 from airflow_copyman import copyman
 
+#: What ``CREATE TABLE [IF NOT EXISTS]`` raises when another transaction creates the same name
+#: at the same moment: the catalog's unique index (waiting for the other's commit), or, when
+#: the other commits between the name check and the row type's, "type ... already exists".
+#: Seen in about one loser in ten of eight sessions creating one table at once.
+CREATED_CONCURRENTLY: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.DuplicateTable,
+    psycopg.errors.DuplicateObject,
+)
+
 #: SQLSTATE classes (first two characters) that no retry can fix.
 PERMANENT_CLASSES = frozenset(
     {

@@ -321,9 +321,9 @@ class Ledger:
                 self._oid_columns[schema] = bool(found[1])
             conn.commit()
             return has_extras
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        except classify.CREATED_CONCURRENTLY:
             # Another task created it at the same moment (CREATE TABLE IF NOT EXISTS races
-            # on the catalog's unique indexes).
+            # on the catalog).
             conn.rollback()
             return None
         except BaseException:
